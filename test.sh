@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# Set up the environment (first run only), then run the whole test suite.
+# Arguments pass through to pytest (for example: ./test.sh tests/test_layer_norm.py -k triton).
+source "$(dirname "$0")/scripts/env.sh"
+exec python -m pytest "$@"
