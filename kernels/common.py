@@ -37,3 +37,6 @@ class GpuCompileCase:
     grid: tuple = (1,)
     num_warps: int = 4
     num_stages: int = 3
+    # True for kernels that do matrix products (tl.dot): the readiness check then requires
+    # tensor-core instructions (wgmma on sm90, mma on sm80, MFMA on gfx942).
+    expects_tensor_cores: bool = False

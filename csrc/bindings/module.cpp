@@ -1,0 +1,16 @@
+// The Python module of the C++ extension: each csrc/bindings/bind_<op>.cpp defines bind_<op>.
+#include <torch/extension.h>
+
+namespace engine::bindings {
+void bind_layer_norm(pybind11::module& m);
+}  // namespace engine::bindings
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "engine C++ kernels (csrc/)";
+#ifdef ENGINE_WITH_CUDA
+  m.attr("with_cuda") = true;
+#else
+  m.attr("with_cuda") = false;
+#endif
+  engine::bindings::bind_layer_norm(m);
+}

@@ -1,0 +1,1 @@
+"""engine: a transformer engine whose hot ops are fused Triton and C++/CUDA kernels."""

@@ -1,0 +1,188 @@
+"""The one registry of op implementations, and the rules that choose one for a call.
+
+    registry: op name -> backend name -> Implementation(forward, backward, supports)
+
+Backends:
+    reference  plain torch (engine/reference.py): the test oracle and the fallback; always there
+    triton     kernels/*.py: CUDA/ROCm tensors, or CPU tensors under TRITON_INTERPRET=1
+    cpu        csrc/cpu/*.cpp through the C++ extension (engine/_ext.py), CPU tensors
+    cuda       csrc/cuda/*.cu through the C++ extension, CUDA tensors
+
+Choosing (engine.functional calls `select` once per op call):
+    explicit   the `backend=` argument, else the innermost `with use(name):`, else the
+               ENGINE_BACKEND environment variable. If that backend cannot serve the call,
+               BackendError says why; there is no silent fallback from an explicit choice.
+    automatic  by device: CUDA tensors try triton, then cuda; CPU tensors try cpu; then
+               reference. The first whose `supports(...)` accepts the call wins. Each
+               fallback is logged once per (op, backend) through the `engine` logger.
+"""
+import contextlib
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("reference", "triton", "cpu", "cuda")
+AUTOMATIC_ORDER = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+logger = logging.getLogger("engine")
+
+
+class BackendError(RuntimeError):
+    """An explicitly chosen backend cannot serve a call; the message says why."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    forward: Callable
+    backward: Optional[Callable]
+    # supports(*forward_args) -> None when this implementation can serve the call, else the
+    # reason it cannot (a short sentence: "head dim 512 > 256").
+    supports: Callable[..., Optional[str]]
+
+
+def supports_everything(*args, **kwargs) -> Optional[str]:
+    return None
+
+
+_registry: dict[str, dict[str, Implementation]] = {}
+
+
+def register(op: str, backend: str, forward: Callable, backward: Optional[Callable] = None,
+             supports: Callable[..., Optional[str]] = supports_everything) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
+    _registry.setdefault(op, {})[backend] = Implementation(forward, backward, supports)
+
+
+def implementation(op: str, backend: str) -> Implementation:
+    return _registry[op][backend]
+
+
+def ops() -> dict[str, tuple[str, ...]]:
+    """Every registered op with the backends that implement it."""
+    return {op: tuple(impls) for op, impls in _registry.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Availability: can this backend run at all on this machine, and on which devices?
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    reason: str           # why not, or what it runs on
+    devices: tuple = ()   # device types it serves here
+
+
+def _triton_status() -> BackendStatus:
+    try:
+        import triton  # noqa: F401
+    except Exception as error:  # a broken install raises more than ImportError
+        return BackendStatus("triton", False, f"triton does not import: {error}")
+    devices = []
+    if torch.cuda.is_available():
+        devices.append("cuda")
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        devices.append("cpu")
+    if not devices:
+        return BackendStatus("triton", False,
+                             "no GPU (torch.cuda.is_available() is False) and TRITON_INTERPRET is not "
+                             "set, so Triton kernels have nowhere to run")
+    how = {"cuda": "CUDA/ROCm tensors", "cpu": "CPU tensors in the Triton interpreter"}
+    return BackendStatus("triton", True, ", ".join(how[d] for d in devices), tuple(devices))
+
+
+def _extension_status(name: str) -> BackendStatus:
+    from engine import _ext
+
+    if name == "cuda" and not torch.cuda.is_available():
+        return BackendStatus("cuda", False, "no GPU (torch.cuda.is_available() is False)")
+    try:
+        _ext.load(name)
+    except _ext.BuildError as error:
+        return BackendStatus(name, False, str(error))
+    return BackendStatus(name, True, f"{name.upper()} tensors, C++ extension built", (name,))
+
+
+@functools.lru_cache(maxsize=None)
+def status(name: str) -> BackendStatus:
+    """Whether backend `name` works here; building the C++ extension the first time it is asked."""
+    if name == "reference":
+        return BackendStatus("reference", True, "plain PyTorch, any device", ("cpu", "cuda"))
+    if name == "triton":
+        return _triton_status()
+    if name in ("cpu", "cuda"):
+        return _extension_status(name)
+    raise ValueError(f"unknown backend {name!r}; backends are {BACKENDS}")
+
+
+def available() -> dict[str, BackendStatus]:
+    """Every backend with whether it works on this machine and, if not, why."""
+    return {name: status(name) for name in BACKENDS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing a backend for one call
+
+_context = threading.local()
+
+
+@contextlib.contextmanager
+def use(name: str):
+    """Run the ops in this block on backend `name` (an explicit choice: errors if it cannot)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; backends are {BACKENDS}")
+    stack = _context.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def explicit_choice(backend: Optional[str] = None) -> Optional[str]:
+    """The backend the caller asked for: argument, then `use(...)`, then ENGINE_BACKEND."""
+    stack = getattr(_context, "stack", None)
+    choice = backend or (stack[-1] if stack else None) or os.environ.get("ENGINE_BACKEND") or None
+    if choice is not None and choice not in BACKENDS:
+        raise ValueError(f"unknown backend {choice!r}; backends are {BACKENDS}")
+    return choice
+
+
+def why_not(op: str, backend: str, device: torch.device, args: tuple) -> Optional[str]:
+    """None when `backend` can run `op` on `args`, else the reason it cannot."""
+    if backend not in _registry.get(op, {}):
+        return f"{op} has no {backend} implementation"
+    state = status(backend)
+    if not state.available:
+        return f"the {backend} backend is unavailable: {state.reason}"
+    if device.type not in state.devices:
+        return f"the {backend} backend does not run on {device.type} tensors here ({state.reason})"
+    return _registry[op][backend].supports(*args)
+
+
+_logged_fallbacks: set = set()
+
+
+def select(op: str, device: torch.device, args: tuple, backend: Optional[str] = None) -> str:
+    """The backend that runs this call of `op` (see the module docstring for the rules)."""
+    choice = explicit_choice(backend)
+    if choice is not None:
+        reason = why_not(op, choice, device, args)
+        if reason is not None:
+            raise BackendError(f"backend {choice!r} cannot run {op}: {reason}")
+        return choice
+    for candidate in AUTOMATIC_ORDER.get(device.type, ("reference",)):
+        reason = why_not(op, candidate, device, args)
+        if reason is None:
+            return candidate
+        if (op, candidate) not in _logged_fallbacks and candidate != "reference":
+            _logged_fallbacks.add((op, candidate))
+            logger.warning("engine: %s falls back from the %s backend: %s", op, candidate, reason)
+    return "reference"

@@ -1,0 +1,114 @@
+"""GPU readiness (engine/readiness.py): every Triton compile case and every csrc/cuda/*.cu kernel
+compiles for the real GPU targets without spills or local memory, within the target's shared
+memory, and with tensor-core instructions where the case says it does matrix products.
+
+Compiling needs TRITON_INTERPRET unset (kernels defined under the interpreter cannot be compiled)
+and conftest sets it, so `python -m engine.readiness` runs in a subprocess without it: once with
+--list at collection (to name the tests; compiles nothing) and once with --json for all the checks.
+ENGINE_READINESS_MODULES / ENGINE_READINESS_CSRC pass through, to try it on toy kernels."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine import readiness
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Hook for CUDA kernels that do matrix products: a report whose kernel name ("file.cu:ns::kernel<T>")
+# contains one of these must use tensor cores (HMMA on sm80, HGMMA = wgmma on sm90). Triton cases
+# say so themselves with GpuCompileCase(expects_tensor_cores=True).
+CUDA_EXPECTS_TENSOR_CORES: set[str] = set()
+
+
+def _readiness(*args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "engine.readiness", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _list_cases() -> tuple[list[dict], str]:
+    """(the Triton cases, what went wrong listing them). Never raises: a broken kernels module
+    must fail a test, not the collection of the whole suite."""
+    try:
+        done = _readiness("--list", timeout=300)
+        listed = json.loads(done.stdout)
+    except Exception as e:
+        return [], f"python -m engine.readiness --list failed: {e}"
+    errors = "\n".join(f"{c['kernel']}: {c['error']}" for c in listed if c.get("error"))
+    if done.returncode != 0 and not errors:
+        errors = done.stderr[-2000:]
+    return [c for c in listed if not c.get("error")], errors
+
+
+CASES, LIST_ERRORS = _list_cases()
+TARGETS = list(readiness.TARGET_SPECS)
+CUDA_FILES = [p.name for p in readiness.cuda_sources()]
+NVCC = readiness.find_nvcc()
+
+
+@pytest.fixture(scope="module")
+def reports() -> dict[tuple[str, str], list[readiness.KernelReport]]:
+    """Every report of one full run, by (kernel or .cu file, target)."""
+    done = _readiness("--json", timeout=1800)
+    try:
+        found = [readiness.KernelReport(**r) for r in json.loads(done.stdout)]
+    except (json.JSONDecodeError, TypeError):
+        pytest.fail(f"python -m engine.readiness --json gave no reports (exit {done.returncode}):\n"
+                    f"{done.stderr[-4000:]}")
+    by_key = {}
+    for r in found:
+        key = (r.module if r.source == "cuda" else r.kernel, r.target)
+        by_key.setdefault(key, []).append(r)
+    return by_key
+
+
+def _assert_ready(r: readiness.KernelReport):
+    where = f"{r.kernel} on {r.target} ({r.config})"
+    assert r.error is None, f"{where} does not compile:\n{r.error}"
+    assert r.spill_bytes == 0, f"{where} spills {r.spill_bytes} bytes: {r.details}"
+    assert r.local_bytes == 0, f"{where} uses {r.local_bytes} bytes of local memory per thread"
+    limit = readiness.SHARED_LIMIT[r.target]
+    assert r.shared_bytes <= limit, f"{where} needs {r.shared_bytes} B of shared memory > {limit} B"
+
+
+def test_compile_cases_discovered():
+    # Not vacuous: with no cases every parametrized test below would silently vanish.
+    assert not LIST_ERRORS, LIST_ERRORS
+    assert CASES, "no kernels/*.py defines gpu_compile_cases(): nothing was compiled for a GPU"
+
+
+def test_case_names_are_unique():
+    names = [c["kernel"] for c in CASES]
+    assert len(names) == len(set(names)), sorted(n for n in set(names) if names.count(n) > 1)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("case", CASES, ids=[c["kernel"] for c in CASES])
+def test_triton_case_compiles_without_spills(reports, case, target):
+    found = reports.get((case["kernel"], target))
+    assert found, f"no report for {case['kernel']} on {target}"
+    r = found[0]
+    _assert_ready(r)
+    if r.expects_tensor_cores:
+        want = {"sm80": "mma (HMMA)", "sm90": "wgmma (HGMMA)", "gfx942": "MFMA"}[target]
+        assert r.tensor_cores_ok(), f"{r.kernel} on {target} does matrix products without {want}"
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found: CUDA sources are compiled only where a CUDA "
+                                         "toolkit is installed")
+@pytest.mark.parametrize("target", list(readiness.NVCC_ARCH))
+@pytest.mark.parametrize("cu_file", CUDA_FILES)
+def test_cuda_source_compiles_without_spills(reports, cu_file, target):
+    found = reports.get((cu_file, target))
+    assert found, f"no report for {cu_file} on {target}"
+    if all(r.skipped for r in found):
+        pytest.skip(f"{cu_file}: {found[0].skipped}")
+    for r in found:
+        _assert_ready(r)
+        if any(name in r.kernel for name in CUDA_EXPECTS_TENSOR_CORES):
+            assert r.tensor_cores_ok(), f"{r.kernel} on {target} does matrix products without tensor cores"
