@@ -1,5 +1,6 @@
-// Torch glue for layer norm / RMS norm: flatten to rows, allocate outputs, call the CPU or CUDA
-// kernel. Called by engine/ops/layer_norm.py after engine/functional.py validated the inputs.
+// Torch glue for layer norm / RMS norm: allocate outputs, call the CPU or CUDA kernel.
+// Called by engine/ops/layer_norm.py with [rows, cols] tensors of unit column stride, after
+// engine/functional.py validated the inputs.
 #include "bindings/common.h"
 #include "cpu/layer_norm.h"
 #ifdef ENGINE_WITH_CUDA
@@ -8,24 +9,23 @@
 
 namespace engine::bindings {
 
-// [..., N] -> [rows, N] with unit column stride (a view when possible, else a copy).
-static at::Tensor as_rows(const at::Tensor& t, int64_t cols) {
-  at::Tensor rows = t.reshape({-1, cols});
-  return rows.stride(1) == 1 || cols == 1 ? rows : rows.contiguous();
-}
-
 static int64_t row_stride(const at::Tensor& rows) { return rows.size(0) > 1 ? rows.stride(0) : rows.size(1); }
 
-// Returns (y, sum, mean, rstd): y and sum [rows, N] (sum empty without residual), mean and rstd
-// [rows] in the accumulator dtype (mean empty for RMS norm).
-std::vector<at::Tensor> layer_norm_forward(const at::Tensor& input, const c10::optional<at::Tensor>& residual,
+static void check_rows(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2 && (t.stride(1) == 1 || t.size(1) == 1), "layer_norm: ", name,
+              " must be [rows, cols] with unit column stride");
+  TORCH_CHECK(t.size(1) > 0 && t.size(1) < (int64_t(1) << 31), "layer_norm: cols out of range");
+}
+
+// x, residual: [rows, N]. Returns (y, sum, mean, rstd): y and sum [rows, N] (sum empty without
+// residual), mean and rstd [rows] in the accumulator dtype (mean empty for RMS norm).
+std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
                                            const c10::optional<at::Tensor>& weight,
-                                           const c10::optional<at::Tensor>& bias, int64_t cols, double eps,
-                                           bool rms) {
-  TORCH_CHECK(cols > 0 && cols < (int64_t(1) << 31), "layer_norm: cols out of range");
-  const at::Tensor x = as_rows(input, cols);
-  const at::Tensor r = residual.has_value() ? as_rows(*residual, cols) : at::Tensor();
-  const int64_t rows = x.size(0);
+                                           const c10::optional<at::Tensor>& bias, double eps, bool rms) {
+  check_rows(x, "x");
+  const at::Tensor r = residual.has_value() ? *residual : at::Tensor();
+  if (r.defined()) check_rows(r, "residual");
+  const int64_t rows = x.size(0), cols = x.size(1);
   const auto stats_options = x.options().dtype(accumulator_dtype(x.scalar_type()));
   at::Tensor y = at::empty({rows, cols}, x.options());
   at::Tensor sum = r.defined() ? at::empty({rows, cols}, x.options()) : at::empty({0}, x.options());
@@ -62,15 +62,16 @@ std::vector<at::Tensor> layer_norm_forward(const at::Tensor& input, const c10::o
   return {y, sum, mean, rstd};
 }
 
+// grad_y, grad_sum (the sum output's gradient, optional), x (the normalized input): [rows, N].
 // Returns (dx, dweight, dbias): dx [rows, N]; dweight/dbias [N] in the weight's dtype, or empty.
 std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_sum,
-                                            const at::Tensor& input, const c10::optional<at::Tensor>& weight,
-                                            const at::Tensor& mean, const at::Tensor& rstd, int64_t cols,
+                                            const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                            const c10::optional<at::Tensor>& mean, const at::Tensor& rstd,
                                             bool rms, bool need_weight_grad, bool need_bias_grad) {
-  const at::Tensor x = as_rows(input, cols);
-  const at::Tensor dy = grad_y.reshape({-1, cols}).contiguous();
-  const at::Tensor dsum = grad_sum.has_value() ? grad_sum->reshape({-1, cols}).contiguous() : at::Tensor();
-  const int64_t rows = x.size(0);
+  check_rows(x, "x");
+  const at::Tensor dy = grad_y.contiguous();
+  const at::Tensor dsum = grad_sum.has_value() ? grad_sum->contiguous() : at::Tensor();
+  const int64_t rows = x.size(0), cols = x.size(1);
   const c10::optional<at::Tensor> w = weight.has_value() ? c10::optional<at::Tensor>(weight->contiguous()) : c10::nullopt;
   int64_t partials = 1;
 #ifdef ENGINE_WITH_CUDA
@@ -91,7 +92,7 @@ std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad_y, const c10:
     args.x = static_cast<const T*>(x.data_ptr());
     args.x_stride = row_stride(x);
     args.weight = data_or_null<T>(w);
-    args.mean = rms ? nullptr : static_cast<const A*>(mean.data_ptr());
+    args.mean = rms ? nullptr : data_or_null<A>(mean);
     args.rstd = static_cast<const A*>(rstd.data_ptr());
     args.dx = mutable_data<T>(dx);
     args.dweight_partial = mutable_data<A>(dweight_partial);

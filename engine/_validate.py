@@ -1,0 +1,66 @@
+"""Argument checks for engine.functional: every bad input becomes a TypeError (wrong type or
+dtype) or ValueError (wrong shape, value or device) naming the argument, before any kernel runs."""
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(name: str, value, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype {allowed}; got {str(value.dtype).removeprefix('torch.')}")
+    return value
+
+
+def optional_tensor(name: str, value, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES) -> Optional[Tensor]:
+    return None if value is None else tensor(name, value, dtypes)
+
+
+def same_dtype(name: str, value: Optional[Tensor], reference_name: str, reference: Tensor) -> None:
+    if value is not None and value.dtype != reference.dtype:
+        raise TypeError(f"{name} has dtype {str(value.dtype).removeprefix('torch.')} but {reference_name} has "
+                        f"{str(reference.dtype).removeprefix('torch.')}; they must match")
+
+
+def same_device(name: str, value: Optional[Tensor], reference_name: str, reference: Tensor) -> None:
+    if value is not None and value.device != reference.device:
+        raise ValueError(f"{name} is on {value.device} but {reference_name} is on {reference.device}; "
+                         "they must be on the same device")
+
+
+def shape(name: str, value: Optional[Tensor], expected: Sequence[int]) -> None:
+    if value is not None and tuple(value.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)}, got {tuple(value.shape)}")
+
+
+def number(name: str, value, low: float = -math.inf, high: float = math.inf,
+           include_high: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (low <= value and (value <= high if include_high else value < high)):
+        bracket = "]" if include_high else ")"
+        raise ValueError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+    return value
+
+
+def normalized_shape(value, input: Tensor) -> tuple[int, ...]:
+    """torch's normalized_shape: an int or a sequence of ints matching input's trailing dims."""
+    dims = (value,) if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(dims, torch.Size):
+        dims = tuple(dims)
+    if not isinstance(dims, (tuple, list)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {value!r}")
+    dims = tuple(dims)
+    if len(dims) == 0 or any(d < 0 for d in dims):
+        raise ValueError(f"normalized_shape must be non-empty with non-negative sizes, got {dims}")
+    if input.dim() < len(dims) or tuple(input.shape[-len(dims):]) != dims:
+        raise ValueError(f"normalized_shape {dims} does not match the trailing dims of input with shape "
+                         f"{tuple(input.shape)}")
+    return dims

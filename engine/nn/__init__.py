@@ -1,0 +1,4 @@
+"""Drop-in replacements for torch.nn modules, running the engine's kernels."""
+from engine.nn.normalization import LayerNorm, RMSNorm
+
+__all__ = ["LayerNorm", "RMSNorm"]

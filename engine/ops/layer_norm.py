@@ -1,0 +1,146 @@
+"""The layer-norm family (layer_norm, rms_norm, add_layer_norm) as one autograd op.
+
+Where each piece lives:
+    kernels          kernels/layer_norm.py (Triton), csrc/cpu/layer_norm.cpp, csrc/cuda/layer_norm.cu
+    implementations  registered below for the reference, triton, cpu and cuda backends
+    autograd         the custom ops engine::layer_norm / engine::layer_norm_backward below
+    public API       engine.functional.layer_norm / rms_norm / add_layer_norm
+
+Every implementation takes the same arguments:
+    forward(x, residual, weight, bias, eps, rms) -> (y, sum, mean, rstd)
+        x, residual: [M, N] with unit column stride (residual may be None); weight, bias: [N] or
+        None. y: [M, N]; sum = x + residual [M, N] or None; mean (None for RMS norm), rstd: [M]
+        in fp32 (fp64 for fp64 data).
+    backward(grad_y, grad_sum, x, weight, mean, rstd, rms, need_weight_grad, need_bias_grad)
+        -> (dx, dweight, dbias); x is the normalized input (x, or the stored sum), dx is also the
+        residual's gradient.
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+import kernels.layer_norm as triton_kernels
+from engine import _ext, backends, reference
+
+OP = "layer_norm"
+
+
+def _cpp_forward(kind: str):
+    def forward(x, residual, weight, bias, eps, rms):
+        y, total, mean, rstd = _ext.load(kind).layer_norm_forward(x, residual, weight, bias, eps, rms)
+        return y, (total if residual is not None else None), (None if rms else mean), rstd
+    return forward
+
+
+def _cpp_backward(kind: str):
+    def backward(grad_y, grad_sum, x, weight, mean, rstd, rms, need_weight_grad, need_bias_grad):
+        dx, dweight, dbias = _ext.load(kind).layer_norm_backward(
+            grad_y, grad_sum, x, weight, mean, rstd, rms, need_weight_grad, need_bias_grad)
+        return dx, (dweight if need_weight_grad else None), (dbias if need_bias_grad else None)
+    return backward
+
+
+def _cpp_supports(x, residual, weight, bias, eps, rms) -> Optional[str]:
+    # csrc/cpu and csrc/cuda: any float dtype, rows of any width below 2^31 (checked upstream).
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
+    return None
+
+
+def _reference_forward(x, residual, weight, bias, eps, rms):
+    y, total, mean, rstd = reference.layer_norm(x, residual, weight, bias, eps, rms)
+    return y, total, (None if rms else mean), rstd
+
+
+backends.register(OP, "reference", _reference_forward, reference.layer_norm_backward)
+backends.register(OP, "triton", triton_kernels.layer_norm_fwd, triton_kernels.layer_norm_bwd,
+                  triton_kernels.supports)
+for _kind in ("cpu", "cuda"):
+    backends.register(OP, _kind, _cpp_forward(_kind), _cpp_backward(_kind), _cpp_supports)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: custom ops (so torch.compile traces through them with the fake kernels), which call
+# the chosen backend's implementation. Absent outputs travel as empty tensors.
+
+
+@torch.library.custom_op("engine::layer_norm", mutates_args=())
+def _layer_norm_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                   eps: float, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, total, mean, rstd = backends.implementation(OP, backend).forward(x, residual, weight, bias, eps, rms)
+    empty = x.new_empty(0)
+    return (y, empty if total is None else total, rstd.new_empty(0) if mean is None else mean, rstd)
+
+
+@_layer_norm_op.register_fake
+def _layer_norm_fake(x, residual, weight, bias, eps, rms, backend):
+    m, n = x.shape
+    acc = reference.accumulator_dtype(x.dtype)
+    return (x.new_empty(m, n), x.new_empty((m, n) if residual is not None else (0,)),
+            x.new_empty(0 if rms else m, dtype=acc), x.new_empty(m, dtype=acc))
+
+
+@torch.library.custom_op("engine::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(grad_y: Tensor, grad_sum: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
+                            mean: Optional[Tensor], rstd: Tensor, rms: bool, need_weight_grad: bool,
+                            need_bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dweight, dbias = backends.implementation(OP, backend).backward(
+        grad_y, grad_sum, x, weight, mean, rstd, rms, need_weight_grad, need_bias_grad)
+    empty = x.new_empty(0)
+    return dx, empty if dweight is None else dweight, empty if dbias is None else dbias
+
+
+@_layer_norm_backward_op.register_fake
+def _layer_norm_backward_fake(grad_y, grad_sum, x, weight, mean, rstd, rms, need_weight_grad, need_bias_grad,
+                              backend):
+    n = x.shape[1]
+    grad_dtype = weight.dtype if weight is not None else x.dtype
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(n if need_weight_grad else 0, dtype=grad_dtype),
+            x.new_empty(n if need_bias_grad else 0, dtype=grad_dtype))
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, eps, rms, backend = inputs
+    y, total, mean, rstd = output
+    normalized_input = total if residual is not None else x
+    ctx.save_for_backward(normalized_input, weight, mean, rstd)
+    ctx.has_residual, ctx.has_bias, ctx.rms, ctx.backend = residual is not None, bias is not None, rms, backend
+    ctx.set_materialize_grads(False)  # an unused sum output sends no gradient, not zeros
+
+
+def _backward(ctx, grad_y, grad_sum, grad_mean, grad_rstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    if grad_y is None:  # only the sum output was used
+        grad_y = torch.zeros_like(x)
+    need_weight_grad = weight is not None and ctx.needs_input_grad[2]
+    need_bias_grad = ctx.has_bias and ctx.needs_input_grad[3]
+    dx, dweight, dbias = torch.ops.engine.layer_norm_backward(
+        grad_y, grad_sum if ctx.has_residual else None, x, weight, None if ctx.rms else mean, rstd,
+        ctx.rms, need_weight_grad, need_bias_grad, ctx.backend)
+    return (dx, dx if ctx.has_residual else None, dweight if need_weight_grad else None,
+            dbias if need_bias_grad else None, None, None, None)
+
+
+torch.library.register_autograd("engine::layer_norm", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def rows(t: Tensor, n: int) -> Tensor:
+    """[..., N] as [M, N] with unit column stride: a view when the layout allows, else a copy."""
+    t2d = t.reshape(-1, n)
+    return t2d if t2d.stride(1) == 1 or n == 1 else t2d.contiguous()
+
+
+def layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+               eps: float, rms: bool, backend: Optional[str]) -> tuple[Tensor, Optional[Tensor]]:
+    """Normalize x [..., N] (+ residual [..., N]) over the last dim on the chosen backend (None:
+    automatic). Returns (y, x + residual or None), both shaped like x. Inputs are validated."""
+    n = x.shape[-1]
+    args = (rows(x, n), None if residual is None else rows(residual, n), weight, bias, float(eps), bool(rms))
+    chosen = backends.select(OP, x.device, args, backend)
+    y, total, _, _ = torch.ops.engine.layer_norm(*args, chosen)
+    return y.view(x.shape), (total.view(x.shape) if residual is not None else None)
