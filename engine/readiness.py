@@ -36,17 +36,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 
-
-def csrc_dir() -> Path:
-    """The csrc/ tree whose cuda/*.cu are compiled (ENGINE_READINESS_CSRC points elsewhere, for
-    trying this module on toy sources)."""
-    return Path(os.environ.get("ENGINE_READINESS_CSRC", REPO / "csrc"))
-
-# Targets by report name. Created lazily (importing triton is slow and the CUDA part needs none).
+# GPUTarget arguments by report name (the GPUTarget itself is made when compiling, so that
+# importing this module does not import triton).
 TARGET_SPECS = {"sm80": ("cuda", 80, 32), "sm90": ("cuda", 90, 32), "gfx942": ("hip", "gfx942", 64)}
 
-# Shared memory one block may use on each target (the opt-in maximum of A100, H100, MI300X).
-# A real launch fails above it; an ahead-of-time compile does not check it, so we do.
+# Shared memory one block may use on each target (the opt-in maximum of A100, H100, MI300X, net
+# of the 1 KB the driver reserves per block, which the reports leave out too). A real launch fails
+# above it; an ahead-of-time compile does not check it, so we do.
 SHARED_LIMIT = {"sm80": 166912, "sm90": 232448, "gfx942": 65536}
 
 # nvcc flags per target. sm90 is built as sm_90a because wgmma exists only there. We use the
@@ -341,6 +337,12 @@ def compile_triton_cases(name_filter=None, extra_modules=()) -> list[KernelRepor
 # CUDA C++
 # ----------------------------------------------------------------------------------------------
 
+def csrc_dir() -> Path:
+    """The csrc/ tree whose cuda/*.cu are compiled (ENGINE_READINESS_CSRC points elsewhere, for
+    trying this module on toy sources)."""
+    return Path(os.environ.get("ENGINE_READINESS_CSRC", REPO / "csrc"))
+
+
 def _demangle(names: list[str]) -> dict[str, str]:
     """Readable kernel names: 'void ns::k<half, true>(Args<half>)' -> 'ns::k<half, true>'
     (template arguments tell instantiations apart; the parameter list only repeats them)."""
@@ -435,7 +437,7 @@ def run_all(name_filter=None, extra_modules=None) -> list[KernelReport]:
 def run_in_subprocess(name_filter=None, extra_modules=(), timeout=1800) -> list[KernelReport]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["ENGINE_READINESS_MODULES"] = ",".join(extra_modules)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + sys.path)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + sys.path)  # extra modules import there too
     cmd = [sys.executable, "-m", "engine.readiness", "--json"]
     cmd += ["--kernels", name_filter] if name_filter else []
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)

@@ -108,7 +108,8 @@ def test_cuda_source_compiles_without_spills(reports, cu_file, target):
     assert found, f"no report for {cu_file} on {target}"
     if all(r.skipped for r in found):
         pytest.skip(f"{cu_file}: {found[0].skipped}")
-    for r in found:
-        _assert_ready(r)
-        if any(name in r.kernel for name in CUDA_EXPECTS_TENSOR_CORES):
-            assert r.tensor_cores_ok(), f"{r.kernel} on {target} does matrix products without tensor cores"
+    # every kernel of the file at once, so one failure does not hide the next
+    bad = {r.kernel: r.error or r.problems() for r in found if r.problems()}
+    bad.update({r.kernel: "does matrix products without tensor cores" for r in found
+                if any(name in r.kernel for name in CUDA_EXPECTS_TENSOR_CORES) and not r.tensor_cores_ok()})
+    assert not bad, f"{cu_file} on {target}:\n" + "\n".join(f"  {k}: {v}" for k, v in bad.items())
