@@ -69,8 +69,7 @@ for _kind in ("cpu", "cuda"):
 def _layer_norm_op(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                    eps: float, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     y, total, mean, rstd = backends.implementation(OP, backend).forward(x, residual, weight, bias, eps, rms)
-    empty = x.new_empty(0)
-    return (y, empty if total is None else total, rstd.new_empty(0) if mean is None else mean, rstd)
+    return (y, x.new_empty(0) if total is None else total, rstd.new_empty(0) if mean is None else mean, rstd)
 
 
 @_layer_norm_op.register_fake
@@ -87,8 +86,7 @@ def _layer_norm_backward_op(grad_y: Tensor, grad_sum: Optional[Tensor], x: Tenso
                             need_bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     dx, dweight, dbias = backends.implementation(OP, backend).backward(
         grad_y, grad_sum, x, weight, mean, rstd, rms, need_weight_grad, need_bias_grad)
-    empty = x.new_empty(0)
-    return dx, empty if dweight is None else dweight, empty if dbias is None else dbias
+    return (dx, x.new_empty(0) if dweight is None else dweight, x.new_empty(0) if dbias is None else dbias)
 
 
 @_layer_norm_backward_op.register_fake

@@ -1,0 +1,29 @@
+"""Numerical checks shared by the kernel tests (DESIGN.md, "Tests").
+
+Outputs are compared with the reference computed in float64. The allowed error of a result in
+dtype d is 2x the error plain PyTorch makes in the same dtype on the same inputs (the baseline),
+plus eps(d) at the output's scale; float64 results must agree to 1e-10 relative.
+"""
+import torch
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    if actual.numel() == 0:
+        return 0.0
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_matches_reference(actual: torch.Tensor, expected64: torch.Tensor, baseline: torch.Tensor = None,
+                             name: str = "output") -> None:
+    """actual: the engine's result; expected64: the float64 reference; baseline: plain PyTorch's
+    result in actual's dtype (required below float64)."""
+    assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN in the result (an element left unwritten?)"
+    scale = max(1.0, expected64.abs().max().item()) if expected64.numel() else 1.0
+    error = max_error(actual, expected64)
+    if actual.dtype == torch.float64:
+        allowed = 1e-10 * scale
+    else:
+        assert baseline is not None, "a baseline in the same dtype is needed below float64"
+        allowed = 2 * max_error(baseline, expected64) + torch.finfo(actual.dtype).eps * scale
+    assert error <= allowed, f"{name}: max error {error:.3g} > allowed {allowed:.3g} ({actual.dtype})"
