@@ -224,7 +224,9 @@ def _forward_config(n: int) -> tuple[int, bool, int]:
 
 def _backward_config(n: int) -> tuple[int, bool, int]:
     block = min(next_power_of_2(n), MAX_BLOCK_N_BACKWARD)
-    return block, n <= block, row_num_warps(block)
+    # Wide rows (the chunked loop) keep more values live per element: at 16 warps the sm80
+    # build spills, at 8 it does not (python -m engine.readiness --kernels bwd).
+    return block, n <= block, (row_num_warps(block) if n <= block else 8)
 
 
 def _backward_programs(rows: int, device: torch.device) -> int:
