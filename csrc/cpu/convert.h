@@ -5,8 +5,9 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
-#if defined(__F16C__)
+#if defined(__AVX__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -100,5 +101,51 @@ inline void store_row<half>(const float* src, half* dst, int64_t n) {
   for (; j < n; ++j) dst[j] = from_acc<half>(src[j]);
 }
 #endif
+
+// A row in the accumulator type: fp32/fp64 rows are used in place, 16-bit rows are converted
+// into `buffer`.
+template <typename T>
+inline const acc_t<T>* row_as_acc(const T* row, acc_t<T>* buffer, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t<T>>) {
+    return row;
+  } else {
+    load_row(row, buffer, n);
+    return buffer;
+  }
+}
+
+// Outputs larger than this are written with streaming (non-temporal) stores: they would not
+// stay in cache until the next op reads them, and streaming skips reading each destination
+// line into cache before overwriting it, which saves a third of the memory traffic of a write.
+constexpr int64_t kStreamingBytes = int64_t(16) << 20;
+
+inline void stream_floats(const float* src, float* dst, int64_t n) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 63); ++j) dst[j] = src[j];
+  for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
+#elif defined(__AVX__)
+  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 31); ++j) dst[j] = src[j];
+  for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+#endif
+  for (; j < n; ++j) dst[j] = src[j];
+}
+
+// Writes a row computed in the accumulator type: converted to T, streamed for large fp32
+// outputs (the caller then ends its writes with finish_streaming()).
+template <typename T>
+inline void write_row(const acc_t<T>* src, T* dst, int64_t n, bool streaming) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (streaming) return stream_floats(src, dst, n);
+  }
+  store_row(src, dst, n);
+}
+
+// Streaming stores are weakly ordered: fence them before another thread or op reads the data.
+inline void finish_streaming() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
+}
 
 }  // namespace engine::cpu

@@ -54,48 +54,45 @@ void layer_norm_forward(const LayerNormForwardArgs<T>& args, int num_threads) {
   const A* w = weight.data();
   const A* b = bias.data();
 
+  const int64_t written = args.rows * n * int64_t(sizeof(T)) * (args.residual ? 2 : 1);
+  const bool streaming = written > kStreamingBytes;
+
 #pragma omp parallel num_threads(num_threads)
   {
     std::vector<A> buffer(n), addend(n);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < args.rows; ++r) {
+      const T* x_row = args.x + r * args.x_stride;
       if (r + 1 < args.rows) {
-        prefetch_row(args.x + (r + 1) * args.x_stride, n);
+        prefetch_row(x_row + args.x_stride, n);
         if (args.residual) prefetch_row(args.residual + (r + 1) * args.residual_stride, n);
       }
-      // v: the row in the accumulator type. fp32/fp64 rows without a residual are read in
-      // place; the others are converted into `buffer` once.
-      const A* v = buffer.data();
-      if constexpr (std::is_same_v<T, A>) {
-        if (!args.residual) v = args.x + r * args.x_stride;
-      }
-      if (v == buffer.data()) load_row(args.x + r * args.x_stride, buffer.data(), n);
+      const A* v;  // the row to normalize, in the accumulator type
       if (args.residual) {
         // Normalize the sum as stored (rounded to T), so that backward, which reads the stored
         // sum, differentiates exactly what forward computed.
-        T* sum = args.sum + r * n;
+        const A* x = row_as_acc(x_row, buffer.data(), n);
+        const A* residual = row_as_acc(args.residual + r * args.residual_stride, addend.data(), n);
         A* total = buffer.data();
-        load_row(args.residual + r * args.residual_stride, addend.data(), n);
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) total[j] += addend[j];
-        store_row(total, sum, n);
-        load_row(sum, total, n);
+        for (int64_t j = 0; j < n; ++j) total[j] = x[j] + residual[j];
+        T* sum_row = args.sum + r * n;
+        write_row(total, sum_row, n, streaming);
+        if constexpr (!std::is_same_v<T, A>) load_row(sum_row, total, n);  // round as stored
+        v = total;
+      } else {
+        v = row_as_acc(x_row, buffer.data(), n);
       }
       const A mean = args.rms ? A(0) : row_sum(v, n) / A(n);
       const A rstd = layer_norm_rstd(row_centered_sum_of_squares(v, mean, n), A(n), args.eps);
       if (args.mean) args.mean[r] = mean;
       args.rstd[r] = rstd;
-      T* y = args.y + r * n;
-      if constexpr (std::is_same_v<T, A>) {
+      A* y = addend.data();
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) y[j] = (v[j] - mean) * rstd * w[j] + b[j];
-      } else {
-        A* out = buffer.data();
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) out[j] = (v[j] - mean) * rstd * w[j] + b[j];
-        store_row(out, y, n);
-      }
+      for (int64_t j = 0; j < n; ++j) y[j] = (v[j] - mean) * rstd * w[j] + b[j];
+      write_row(y, args.y + r * n, n, streaming);
     }
+    if (streaming) finish_streaming();
   }
 }
 
@@ -107,48 +104,79 @@ void layer_norm_backward(const LayerNormBackwardArgs<T>& args, int num_threads) 
   if (args.weight) load_row(args.weight, weight.data(), n);
   const A* w = weight.data();
 
+  const bool streaming = args.rows * n * int64_t(sizeof(T)) > kStreamingBytes;
+
 #pragma omp parallel num_threads(num_threads)
   {
     const int thread = omp_get_thread_num();
-    std::vector<A> xhat_buffer(n), g_buffer(n), dy_buffer(n), extra(n);
-    A* xhat = xhat_buffer.data();
-    A* g = g_buffer.data();
-    A* dy = dy_buffer.data();
-    A* dweight = args.dweight_partial ? args.dweight_partial + thread * n : nullptr;
-    A* dbias = args.dbias_partial ? args.dbias_partial + thread * n : nullptr;
+    std::vector<A> x_buffer(n), dy_buffer(n), dx_buffer(n), dsum_buffer(n);
+    // This thread's rows of the partial weight/bias gradients; absent ones point at a scratch
+    // row, so the loops below need no branch (the caller ignores it).
+    std::vector<A> unused(n);
+    A* dweight = args.dweight_partial ? args.dweight_partial + thread * n : unused.data();
+    A* dbias = args.dbias_partial ? args.dbias_partial + thread * n : unused.data();
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < args.rows; ++r) {
-      load_row(args.x + r * args.x_stride, xhat, n);
-      load_row(args.dy + r * n, dy, n);
+      const T* x_row = args.x + r * args.x_stride;
+      const T* dy_row = args.dy + r * n;
+      if (r + 1 < args.rows) {
+        prefetch_row(x_row + args.x_stride, n);
+        prefetch_row(dy_row + n, n);
+        if (args.dsum) prefetch_row(args.dsum + (r + 1) * n, n);
+      }
+      const A* x = row_as_acc(x_row, x_buffer.data(), n);
+      const A* dy = row_as_acc(dy_row, dy_buffer.data(), n);
       const A mean = args.rms ? A(0) : args.mean[r];
       const A rstd = args.rstd[r];
+
+      // Pass 1: the row sums of g * xhat and g (g = dy * w) in kLanes independent partial sums
+      // (see row_reduce), and this row's share of the weight and bias gradients.
+      A g_xhat_lanes[kLanes] = {}, g_lanes[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+        for (int lane = 0; lane < kLanes; ++lane) {
+          const int64_t k = j + lane;
+          const A xhat = (x[k] - mean) * rstd;
+          const A g = dy[k] * w[k];
+          g_xhat_lanes[lane] += g * xhat;
+          g_lanes[lane] += g;
+          dweight[k] += dy[k] * xhat;
+          dbias[k] += dy[k];
+        }
+      }
       A g_xhat = 0, g_total = 0;
-#pragma omp simd reduction(+ : g_xhat, g_total)
-      for (int64_t j = 0; j < n; ++j) {
-        xhat[j] = (xhat[j] - mean) * rstd;
-        g[j] = dy[j] * w[j];
-        g_xhat += g[j] * xhat[j];
-        g_total += g[j];
+      for (; j < n; ++j) {
+        const A xhat = (x[j] - mean) * rstd;
+        const A g = dy[j] * w[j];
+        g_xhat += g * xhat;
+        g_total += g;
+        dweight[j] += dy[j] * xhat;
+        dbias[j] += dy[j];
+      }
+      for (int lane = 0; lane < kLanes; ++lane) {
+        g_xhat += g_xhat_lanes[lane];
+        g_total += g_lanes[lane];
       }
       const A c1 = g_xhat / A(n);
       const A c2 = args.rms ? A(0) : g_total / A(n);
-      if (dweight) {
+
+      // Pass 2 (x and dy are in L1 now): dx, plus the sum output's gradient, which flows
+      // straight into input and residual.
+      A* dx = dx_buffer.data();
+      if (args.dsum) {
+        const A* dsum = row_as_acc(args.dsum + r * n, dsum_buffer.data(), n);
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) dweight[j] += dy[j] * xhat[j];
+        for (int64_t k = 0; k < n; ++k)
+          dx[k] = layer_norm_input_grad(dy[k] * w[k], (x[k] - mean) * rstd, c1, c2, rstd) + dsum[k];
+      } else {
+#pragma omp simd
+        for (int64_t k = 0; k < n; ++k)
+          dx[k] = layer_norm_input_grad(dy[k] * w[k], (x[k] - mean) * rstd, c1, c2, rstd);
       }
-      if (dbias) {
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) dbias[j] += dy[j];
-      }
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) g[j] = layer_norm_input_grad(g[j], xhat[j], c1, c2, rstd);
-      if (args.dsum) {  // the sum output's gradient flows straight into input and residual
-        load_row(args.dsum + r * n, extra.data(), n);
-#pragma omp simd
-        for (int64_t j = 0; j < n; ++j) g[j] += extra[j];
-      }
-      store_row(g, args.dx + r * n, n);
+      write_row(dx, args.dx + r * n, n, streaming);
     }
+    if (streaming) finish_streaming();
   }
 }
 
