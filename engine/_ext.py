@@ -38,7 +38,7 @@ def load(kind: str = "cpu"):
         raise BuildError("no CUDA toolkit found (CUDA_HOME is unset and nvcc is not on PATH)")
     if kind == "cuda" and torch.version.cuda is None:
         raise BuildError("this torch build has no CUDA support")
-    cflags = ["-O3", "-march=native", "-fopenmp", "-std=c++17"]
+    cflags = ["-O3", "-march=native", "-fopenmp"]
     if kind == "cuda":
         cflags.append("-DENGINE_WITH_CUDA")
     try:
