@@ -3,9 +3,11 @@
 Each forward function is the op's math written once, as directly as torch allows, and is
 differentiable by torch's autograd: the tests run it on float64 inputs as the ground truth.
 The `reference` backend (engine/ops/*.py) runs the forward functions, and for backward the
-closed-form gradients below them, which the kernels implement too; the tests check those
-against torch's autograd of the forward. Inputs are already validated (engine/functional.py).
+closed-form gradients written next to them (the formulas the kernels implement; autograd cannot
+run inside a custom op), which the tests check against torch's autograd of the forward. Inputs
+are already validated (engine/functional.py).
 """
+import math
 from typing import Optional
 
 import torch
@@ -59,3 +61,203 @@ def layer_norm_backward(grad_y: Tensor, grad_sum: Optional[Tensor], x: Tensor, w
     dweight = (dy * xhat).sum(0).to(grad_dtype) if need_weight_grad else None
     dbias = dy.sum(0).to(grad_dtype) if need_bias_grad else None
     return dx.to(x.dtype), dweight, dbias
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout's random numbers: one counter-based stream shared by every backend
+#
+# The uniform number for an element is word 0 of Philox4x32-10 (the generator of Triton's
+# tl.philox / tl.rand) with key = seed (low 32 bits, high 32 bits) and counter
+# (c0, c1, c2, 0) = (column, row, plane), mapped to [0, 1) as tl.rand maps it. An element is kept
+# when u >= p and scaled by 1 / (1 - p). Attention's probabilities [B, H, Sq, Sk] use
+# (key j, query i, b * H + h); a [M, N] activation uses (n, m, 0). Every backend computes the same
+# bits, so a seed reproduces the same mask everywhere; the seed comes from torch's default
+# generator (engine/ops), so torch.manual_seed reproduces a result exactly.
+
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_UINT32 = 0xFFFFFFFF
+
+
+def _mul_hi_lo(constant: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(high, low) 32-bit halves of constant * x for uint32 values held in int64 tensors,
+    without overflowing int64: x is split into 16-bit halves."""
+    x_hi, x_lo = x >> 16, x & 0xFFFF
+    p_hi, p_lo = constant * x_hi, constant * x_lo          # each < 2^48
+    middle = ((p_hi & 0xFFFF) << 16) + p_lo                # < 2^49
+    return (p_hi >> 16) + (middle >> 32), middle & _UINT32
+
+
+def dropout_uniform(seed: int, c0: Tensor, c1: Tensor, c2: Tensor) -> Tensor:
+    """Uniform [0, 1) float32 numbers of the dropout stream for counters (c0, c1, c2) (integer
+    tensors of one broadcast shape); bit-identical to the kernels'."""
+    c0, c1, c2 = (torch.broadcast_tensors(c0.long(), c1.long(), c2.long()))
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _UINT32, (seed >> 32) & _UINT32
+    for _ in range(10):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _UINT32, (k1 + _PHILOX_KEY_B) & _UINT32
+    # word 0 as int32, negatives folded (~x), times the largest scale keeping the result < 1
+    folded = torch.where(c0 >= 2**31, _UINT32 - c0, c0)
+    return folded.to(torch.float32) * 4.6566127342e-10
+
+
+def dropout_keep_mask(seed: int, p: float, rows: int, cols: int, planes: int = 1) -> Tensor:
+    """Which elements of a [planes, rows, cols] block dropout keeps (True = kept)."""
+    c0 = torch.arange(cols).view(1, 1, cols)
+    c1 = torch.arange(rows).view(1, rows, 1)
+    c2 = torch.arange(planes).view(planes, 1, 1)
+    return dropout_uniform(seed, c0, c1, c2) >= p
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
+              dropout_p: float = 0.0, dropout_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T * scale + mask) v, the math every attention kernel computes.
+
+    q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv] with Hq a multiple of Hk (query head h
+    reads key/value head h // (Hq // Hk)); mask broadcastable to [B, Hq, Sq, Sk], bool (True =
+    attend) or float (added to the scores); causal: query i sees keys j <= i (top-left, as torch);
+    dropout_keep: bool [B, Hq, Sq, Sk] applied to the probabilities, kept ones scaled by
+    1 / (1 - dropout_p). Returns (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] in the
+    accumulator dtype). A row whose keys are all masked has lse = -inf, output 0 and gradient 0.
+    """
+    acc = accumulator_dtype(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    k = k.to(acc).repeat_interleave(group, dim=1)
+    v = v.to(acc).repeat_interleave(group, dim=1)
+    scores = (q.to(acc) @ k.transpose(-1, -2)) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else scores + mask.to(acc)
+    if causal:
+        sq, sk = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1), -math.inf)
+    # softmax with a detached row max (softmax does not depend on it) that is 0 for rows with no
+    # visible key, so that such rows give exp(-inf) = 0 everywhere and no NaN in any gradient
+    row_max = scores.detach().amax(-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
+    weights = torch.exp(scores - row_max)
+    total = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(total == 0, 1.0, total)
+    lse = (row_max + torch.log(total)).squeeze(-1)
+    if dropout_keep is not None:
+        probs = probs * dropout_keep / (1.0 - dropout_p)
+    return (probs @ v).to(q.dtype), lse
+
+
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool,
+                       scale: float, dropout_p: float = 0.0,
+                       dropout_keep: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `attention` in closed form, as the flash-attention backward kernels compute
+    them (probabilities P recomputed, Z = keep / (1 - p) the dropout factor):
+        dV = (P*Z)^T dO,  dP = (dO V^T) * Z,  D = rowsum(dO * O),  dS = P * (dP - D),
+        dQ = dS K * scale,  dK = dS^T Q * scale
+    with dK, dV summed over the query heads that share a key/value head. Returns (dq, dk, dv)."""
+    acc = accumulator_dtype(q.dtype)
+    b, hq, sq, _ = q.shape
+    hk, sk = k.shape[1], k.shape[2]
+    group = hq // hk
+    out, lse = attention(q.to(acc), k.to(acc), v.to(acc), mask, causal, scale, dropout_p, dropout_keep)
+    kq = k.to(acc).repeat_interleave(group, dim=1)
+    vq = v.to(acc).repeat_interleave(group, dim=1)
+    scores = (q.to(acc) @ kq.transpose(-1, -2)) * scale
+    visible = torch.isfinite(lse).unsqueeze(-1)
+    probs = torch.where(visible, torch.exp(scores + _mask_bias(mask, causal, sq, sk, acc, q.device)
+                                           - torch.where(visible, lse.unsqueeze(-1), 0.0)), 0.0)
+    factor = dropout_keep.to(acc) / (1.0 - dropout_p) if dropout_keep is not None else 1.0
+    d_out = grad_out.to(acc)
+    dv = ((probs * factor).transpose(-1, -2) @ d_out).view(b, hk, group, sk, -1).sum(2)
+    dp = (d_out @ vq.transpose(-1, -2)) * factor
+    ds = probs * (dp - (d_out * out).sum(-1, keepdim=True))
+    dq = (ds @ kq) * scale
+    dk = ((ds.transpose(-1, -2) @ q.to(acc)) * scale).view(b, hk, group, sk, -1).sum(2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _mask_bias(mask: Optional[Tensor], causal: bool, sq: int, sk: int, dtype, device) -> Tensor:
+    """The additive form of mask and causality: 0 where visible, -inf (or the float mask) else."""
+    bias = torch.zeros(sq, sk, dtype=dtype, device=device)
+    if causal:
+        bias = bias.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1), -math.inf)
+    if mask is not None:
+        bias = bias.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else bias + mask.to(dtype)
+    return bias
+
+
+def attention_dropout_mask(seed: int, p: float, batch: int, heads: int, sq: int, sk: int) -> Tensor:
+    """The keep mask [B, H, Sq, Sk] attention dropout uses for `seed` (see dropout_uniform)."""
+    return dropout_keep_mask(seed, p, sq, sk, batch * heads).view(batch, heads, sq, sk)
+
+
+def decode_mask(cache_seqlens: Tensor, sq: int, s_max: int) -> Tensor:
+    """The visibility rule of attention against a KV cache, as a bool [B, 1, Sq, S_max]: with
+    L = cache_seqlens[b], new query i sits at position L - Sq + i and sees keys j <= that
+    position (causal, aligned to the end of each sequence); keys at j >= L are not valid."""
+    lengths = cache_seqlens.long().view(-1, 1, 1, 1).clamp(max=s_max)
+    positions = lengths - sq + torch.arange(sq, device=cache_seqlens.device).view(1, 1, sq, 1)
+    keys = torch.arange(s_max, device=cache_seqlens.device).view(1, 1, 1, s_max)
+    return (keys <= positions) & (keys < lengths)
+
+
+def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                            mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
+    """Attention of q [B, Hq, Sq, D] against the first cache_seqlens[b] entries of the caches
+    [B, Hk, S_max, D/Dv] under decode_mask (and `mask`, broadcastable to [B, Hq, Sq, S_max])."""
+    visible = decode_mask(cache_seqlens, q.shape[2], k_cache.shape[2])
+    if mask is not None:
+        visible = visible & mask if mask.dtype == torch.bool else torch.where(visible, mask, -math.inf)
+    return attention(q, k_cache, v_cache, visible, False, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# GeLU, linear layers with fused epilogues
+
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
+
+
+def activate(x: Tensor, activation: str) -> Tensor:
+    """gelu: x * Phi(x) (erf form); gelu_tanh: torch's approximate="tanh" form; relu; none."""
+    if activation == "gelu":
+        return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
+    if activation == "gelu_tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+    if activation == "relu":
+        return torch.clamp_min(x, 0.0)
+    return x
+
+
+def activation_grad(pre: Tensor, activation: str) -> Tensor:
+    """d activate(pre) / d pre, elementwise."""
+    if activation == "gelu":  # Phi(x) + x phi(x)
+        return 0.5 * (1.0 + torch.erf(pre * (1.0 / math.sqrt(2.0)))) + pre * torch.exp(-0.5 * pre * pre) / math.sqrt(
+            2.0 * math.pi)
+    if activation == "gelu_tanh":  # y = x (1 + t) / 2, t = tanh(c (x + a x^3))
+        c, a = math.sqrt(2.0 / math.pi), 0.044715
+        t = torch.tanh(c * (pre + a * pre * pre * pre))
+        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * c * (1.0 + 3.0 * a * pre * pre)
+    if activation == "relu":
+        return (pre > 0).to(pre.dtype)
+    return torch.ones_like(pre)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float = 0.0,
+           dropout_keep: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+    """out = dropout(activation(x @ weight^T + bias)) + residual, the epilogue order of every
+    linear kernel. x [M, K], weight [N, K] (torch.nn.Linear's layout), bias [N], residual [M, N],
+    dropout_keep bool [M, N]. Returns (out [M, N] in x's dtype, pre-activation [M, N] in the
+    accumulator dtype)."""
+    acc = accumulator_dtype(x.dtype)
+    pre = x.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        pre = pre + bias.to(acc)
+    out = activate(pre, activation)
+    if dropout_keep is not None:
+        out = out * dropout_keep / (1.0 - dropout_p)
+    if residual is not None:
+        out = out + residual.to(acc)
+    return out.to(x.dtype), pre

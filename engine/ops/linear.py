@@ -1,0 +1,215 @@
+"""Linear layers with fused epilogues (bias, activation, dropout, residual) and GeLU, as
+autograd ops. The transformer feed-forward block is two of them (engine.functional.feed_forward).
+
+Where each piece lives:
+    kernels          kernels/linear.py (Triton), csrc/cpu/linear.cpp, csrc/cuda/linear.cu
+    implementations  registered below for the reference, triton, cpu and cuda backends
+    autograd         the custom ops engine::linear / linear_backward / gelu / gelu_backward
+    public API       engine.functional.linear, feed_forward, gelu
+
+Every implementation of "linear" takes the same arguments (validated and laid out by `linear()`):
+    forward(x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask)
+        -> (out, pre_activation, dropout_mask)
+        out = dropout(act(x @ weight^T + bias)) + residual
+    backward(grad_out, x, weight, pre_activation, activation, dropout_p, seed, need_weight_grad,
+             need_bias_grad) -> (dx, dweight, dbias)
+        g = grad_out * keep / (1 - p) * act'(pre_activation)   (applied inside the product kernels)
+        dx = g @ weight,  dweight = g^T @ x,  dbias = g summed over rows; the residual's gradient is
+        grad_out itself (the autograd layer passes it on).
+    x [M, K] with unit column stride; weight [N, K] (torch.nn.Linear's layout) with any strides;
+    bias [N] or None; residual [M, N] or None; activation one of "none", "gelu" (erf form),
+    "gelu_tanh", "relu"; dropout_p in [0, 1) with seed: the dropout stream of engine/reference.py
+    (Philox, counters (n, m, 0) for element [m, n]).
+    out [M, N] contiguous in x's dtype. pre_activation [M, N] (x @ W^T + b, in x's dtype) is
+    returned only when backward needs it (activation != "none"), else None. dropout_mask: bool
+    [M, N] of kept elements when return_dropout_mask (a debug path for tests), else None.
+    dx [M, K] contiguous in x's dtype; dweight [N, K] and dbias [N] in the weight's dtype, or None
+    when not needed.
+
+"gelu": forward(x, approximate) -> y;  backward(grad_y, x, approximate) -> dx
+    elementwise on a contiguous tensor of any shape; approximate "none" (erf) or "tanh".
+"""
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from engine import backends, reference
+
+OP = "linear"
+GELU_OP = "gelu"
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference backend: plain torch math (engine/reference.py).
+
+
+def _reference_keep(seed, dropout_p, m, n, device):
+    return reference.dropout_keep_mask(seed, dropout_p, m, n).view(m, n).to(device)
+
+
+def _reference_forward(x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask):
+    keep = _reference_keep(seed, dropout_p, x.shape[0], weight.shape[0], x.device) if dropout_p > 0 else None
+    out, pre = reference.linear(x, weight, bias, activation, dropout_p, keep, residual)
+    return (out, pre.to(x.dtype) if activation != "none" else None, keep if return_dropout_mask else None)
+
+
+def _reference_backward(grad_out, x, weight, pre_activation, activation, dropout_p, seed, need_weight_grad,
+                        need_bias_grad):
+    acc = reference.accumulator_dtype(x.dtype)
+    g = grad_out.to(acc)
+    if dropout_p > 0:
+        keep = _reference_keep(seed, dropout_p, x.shape[0], weight.shape[0], x.device)
+        g = g * keep / (1.0 - dropout_p)
+    if activation != "none":
+        g = g * reference.activation_grad(pre_activation.to(acc), activation)
+    dx = (g @ weight.to(acc)).to(x.dtype)
+    dweight = (g.t() @ x.to(acc)).to(weight.dtype) if need_weight_grad else None
+    dbias = g.sum(0).to(weight.dtype) if need_bias_grad else None
+    return dx, dweight, dbias
+
+
+def _reference_gelu(x, approximate):
+    acc = reference.accumulator_dtype(x.dtype)
+    return reference.activate(x.to(acc), "gelu" if approximate == "none" else "gelu_tanh").to(x.dtype)
+
+
+def _reference_gelu_backward(grad_y, x, approximate):
+    acc = reference.accumulator_dtype(x.dtype)
+    slope = reference.activation_grad(x.to(acc), "gelu" if approximate == "none" else "gelu_tanh")
+    return (grad_y.to(acc) * slope).to(x.dtype)
+
+
+backends.register(OP, "reference", _reference_forward, _reference_backward)
+backends.register(GELU_OP, "reference", _reference_gelu, _reference_gelu_backward)
+# (triton, cpu and cuda register here as their kernels land)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd: custom ops. The dropout seed is drawn inside the forward op from torch's default
+# generator and returned as a tensor, so backward regenerates the same mask.
+
+
+def _draw_seed() -> int:
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
+
+
+@torch.library.custom_op("engine::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float,
+               residual: Optional[Tensor], return_dropout_mask: bool,
+               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seed = _draw_seed() if dropout_p > 0 else 0
+    out, pre, keep = backends.implementation(OP, backend).forward(
+        x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask)
+    return (out, pre if pre is not None else x.new_empty(0), torch.tensor(seed, dtype=torch.int64),
+            keep if keep is not None else torch.empty(0, dtype=torch.bool, device=x.device))
+
+
+@_linear_op.register_fake
+def _linear_fake(x, weight, bias, activation, dropout_p, residual, return_dropout_mask, backend):
+    m, n = x.shape[0], weight.shape[0]
+    pre_shape = (m, n) if activation != "none" else (0,)
+    keep_shape = (m, n) if return_dropout_mask and dropout_p > 0 else (0,)
+    return (x.new_empty(m, n), x.new_empty(pre_shape), torch.empty((), dtype=torch.int64),
+            x.new_empty(keep_shape, dtype=torch.bool))
+
+
+@torch.library.custom_op("engine::linear_backward", mutates_args=())
+def _linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, pre_activation: Optional[Tensor],
+                        activation: str, dropout_p: float, seed: Tensor, need_weight_grad: bool,
+                        need_bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dweight, dbias = backends.implementation(OP, backend).backward(
+        grad_out, x, weight, pre_activation, activation, dropout_p, int(seed.item()), need_weight_grad,
+        need_bias_grad)
+    return (dx, dweight if dweight is not None else weight.new_empty(0),
+            dbias if dbias is not None else weight.new_empty(0))
+
+
+@_linear_backward_op.register_fake
+def _linear_backward_fake(grad_out, x, weight, pre_activation, activation, dropout_p, seed, need_weight_grad,
+                          need_bias_grad, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            weight.new_empty(weight.shape if need_weight_grad else (0,)),
+            weight.new_empty(weight.shape[0] if need_bias_grad else 0))
+
+
+def _linear_setup_context(ctx, inputs, output):
+    x, weight, bias, activation, dropout_p, residual, return_dropout_mask, backend = inputs
+    out, pre, seed, _ = output
+    ctx.save_for_backward(x, weight, pre if activation != "none" else None, seed)
+    ctx.activation, ctx.dropout_p, ctx.backend = activation, dropout_p, backend
+    ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
+
+
+def _linear_backward(ctx, grad_out, grad_pre, grad_seed, grad_keep):
+    x, weight, pre, seed = ctx.saved_tensors
+    need_weight_grad = ctx.needs_input_grad[1]
+    need_bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
+    grad_out = grad_out.contiguous()
+    dx, dweight, dbias = torch.ops.engine.linear_backward(
+        grad_out, x, weight, pre, ctx.activation, ctx.dropout_p, seed, need_weight_grad, need_bias_grad, ctx.backend)
+    return (dx, dweight if need_weight_grad else None, dbias if need_bias_grad else None, None, None,
+            grad_out if ctx.has_residual else None, None, None)
+
+
+torch.library.register_autograd("engine::linear", _linear_backward, setup_context=_linear_setup_context)
+
+
+@torch.library.custom_op("engine::gelu", mutates_args=())
+def _gelu_op(x: Tensor, approximate: str, backend: str) -> Tensor:
+    return backends.implementation(GELU_OP, backend).forward(x, approximate)
+
+
+@_gelu_op.register_fake
+def _gelu_fake(x, approximate, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("engine::gelu_backward", mutates_args=())
+def _gelu_backward_op(grad_y: Tensor, x: Tensor, approximate: str, backend: str) -> Tensor:
+    return backends.implementation(GELU_OP, backend).backward(grad_y, x, approximate)
+
+
+@_gelu_backward_op.register_fake
+def _gelu_backward_fake(grad_y, x, approximate, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _gelu_setup_context(ctx, inputs, output):
+    x, approximate, backend = inputs
+    ctx.save_for_backward(x)
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _gelu_backward(ctx, grad_y):
+    (x,) = ctx.saved_tensors
+    return torch.ops.engine.gelu_backward(grad_y.contiguous(), x, ctx.approximate, ctx.backend), None, None
+
+
+torch.library.register_autograd("engine::gelu", _gelu_backward, setup_context=_gelu_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float,
+           residual: Optional[Tensor], backend: Optional[str], return_dropout_mask: bool = False):
+    """Runs the linear op on x [..., K] on the chosen backend (None: automatic). Inputs are
+    validated (engine.functional). Returns (out [..., N], dropout_mask [M, N] or None)."""
+    k, n = x.shape[-1], weight.shape[0]
+    leading = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    x2d = x2d if x2d.stride(1) == 1 or k == 1 else x2d.contiguous()
+    residual2d = residual.reshape(-1, n).contiguous() if residual is not None else None
+    args = (x2d, weight, bias, activation, float(dropout_p), 0, residual2d, bool(return_dropout_mask))
+    chosen = backends.select(OP, x.device, args, backend)
+    out, _, _, keep = torch.ops.engine.linear(x2d, weight, bias, activation, float(dropout_p), residual2d,
+                                             bool(return_dropout_mask), chosen)
+    return out.view(*leading, n), (keep if return_dropout_mask and dropout_p > 0 else None)
+
+
+def gelu(x: Tensor, approximate: str, backend: Optional[str]) -> Tensor:
+    """Runs the gelu op on the chosen backend. Inputs are validated."""
+    x = x.contiguous()
+    chosen = backends.select(GELU_OP, x.device, (x, approximate), backend)
+    return torch.ops.engine.gelu(x, approximate, chosen)
