@@ -64,3 +64,28 @@ def normalized_shape(value, input: Tensor) -> tuple[int, ...]:
         raise ValueError(f"normalized_shape {dims} does not match the trailing dims of input with shape "
                          f"{tuple(input.shape)}")
     return dims
+
+
+def same_dtypes_and_device(reference_name: str, reference: Tensor, **others: Optional[Tensor]) -> None:
+    """Every given tensor matches `reference`'s dtype (TypeError) and device (ValueError)."""
+    for name, value in others.items():
+        same_dtype(name, value, reference_name, reference)
+        same_device(name, value, reference_name, reference)
+
+
+def rank(name: str, value: Tensor, ranks: Sequence[int]) -> None:
+    if value.dim() not in ranks:
+        allowed = " or ".join(f"{r}-D" for r in ranks)
+        raise ValueError(f"{name} must be {allowed}, got {value.dim()}-D with shape {tuple(value.shape)}")
+
+
+def broadcastable(name: str, value: Tensor, target: Sequence[int]) -> None:
+    """value's shape broadcasts to `target` (torch's rules, trailing dims aligned)."""
+    shape = tuple(value.shape)
+    if len(shape) > len(target) or any(s not in (1, t) for s, t in zip(reversed(shape), reversed(tuple(target)))):
+        raise ValueError(f"{name} with shape {shape} does not broadcast to {tuple(target)}")
+
+
+def choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")

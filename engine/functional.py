@@ -15,7 +15,8 @@ from torch import Tensor
 
 from engine import _validate, ops, reference
 
-__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm"]
+__all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "scaled_dot_product_attention",
+           "attention_with_kv_cache", "gelu", "linear", "feed_forward"]
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -84,3 +85,192 @@ def _normalize(input, residual, normalized_shape, weight, bias, eps, rms: bool, 
     else:
         y, total = ops.layer_norm.layer_norm(x_rows, residual_rows, weight_flat, bias_flat, eps, rms, backend)
     return y.view(x.shape), (total.view(x.shape) if total is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                                 dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False, *, backend: Optional[str] = None,
+                                 return_lse: bool = False):
+    """Same as torch.nn.functional.scaled_dot_product_attention, computed flash-style (the
+    [Sq, Sk] score matrix is never stored).
+
+    query [B, Hq, Sq, D], key [B, Hk, Sk, D], value [B, Hk, Sk, Dv] (or 3-D [B, S, D] without
+    heads); attn_mask broadcastable to [B, Hq, Sq, Sk]: bool (True = attend) or float (added to
+    the scores), read in place (a [B, 1, 1, Sk] padding mask is never expanded in memory);
+    is_causal: query i sees keys j <= i (top-left, as torch). Hk < Hq needs enable_gqa=True and
+    Hq a multiple of Hk. A query row whose keys are all masked gives zeros and zero gradients.
+    Extras: attn_mask and is_causal may be combined (torch rejects it); return_lse=True also
+    returns the log-sum-exp of each row's scaled scores [B, Hq, Sq] in fp32 (-inf for rows with no
+    visible key), for callers that merge partial attentions.
+    """
+    q = _validate.tensor("query", query)
+    k = _validate.tensor("key", key)
+    v = _validate.tensor("value", value)
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        _validate.rank(name, t, (3, 4))
+    if not (q.dim() == k.dim() == v.dim()):
+        raise ValueError(f"query, key and value must have the same rank, got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
+    _validate.same_dtypes_and_device("query", q, key=k, value=v)
+    without_heads = q.dim() == 3
+    if without_heads:
+        q, k, v = q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)
+    b, hq, sq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"key and value must have query's batch size {b}, got {k.shape[0]} and {v.shape[0]}")
+    if k.shape[-1] != d:
+        raise ValueError(f"key's head dim {k.shape[-1]} differs from query's {d}")
+    if v.shape[-2] != k.shape[-2]:
+        raise ValueError(f"value has {v.shape[-2]} positions but key has {k.shape[-2]}; they must match")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"value has {v.shape[1]} heads but key has {k.shape[1]}; they must match")
+    hk = k.shape[1]
+    if hk != hq and not enable_gqa:
+        raise ValueError(f"key has {hk} heads but query has {hq}; pass enable_gqa=True for grouped-query attention")
+    if hq % hk != 0:
+        raise ValueError(f"enable_gqa needs query heads ({hq}) to be a multiple of key heads ({hk})")
+    sk = k.shape[2]
+    mask = _attention_mask(attn_mask, q, (b, hq, sq, sk), without_heads)
+    dropout_p = _validate.number("dropout_p", dropout_p, low=0.0, high=1.0, include_high=False)
+    scale = 1.0 / math.sqrt(d) if scale is None else _validate.number("scale", scale)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+
+    if q.numel() == 0 or sk == 0 or v.shape[-1] == 0:  # nothing to compute: the plain torch math answers
+        out, lse = reference.attention(q, k, v, mask, is_causal, scale)
+    else:
+        out, lse, _ = ops.attention.attention(q, k, v, mask, is_causal, scale, dropout_p, backend)
+    if without_heads:
+        out, lse = out.squeeze(1), lse.squeeze(1)
+    return (out, lse) if return_lse else out
+
+
+def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                            attn_mask: Optional[Tensor] = None, scale: Optional[float] = None, *,
+                            backend: Optional[str] = None, return_lse: bool = False):
+    """Attention of a few new queries against a long, preallocated KV cache (the decode step of
+    generation), with the keys split across programs (flash-decoding) so one query still fills
+    the machine.
+
+    query [B, Hq, Sq, D]; k_cache [B, Hk, S_max, D], v_cache [B, Hk, S_max, Dv] (Hq a multiple of
+    Hk); cache_seqlens int [B]: the valid length L of each sequence, the new keys included. Query i
+    sits at position L - Sq + i and sees the cached keys j <= that position (causal, aligned to
+    the end of each sequence). attn_mask broadcastable to [B, Hq, Sq, S_max] (bool or float), for
+    instance a [B, 1, 1, S_max] mask hiding left padding. return_lse as in
+    scaled_dot_product_attention. No autograd (inference only).
+    """
+    q = _validate.tensor("query", query)
+    kc = _validate.tensor("k_cache", k_cache)
+    vc = _validate.tensor("v_cache", v_cache)
+    for name, t in (("query", q), ("k_cache", kc), ("v_cache", vc)):
+        _validate.rank(name, t, (4,))
+    _validate.same_dtypes_and_device("query", q, k_cache=kc, v_cache=vc)
+    lengths = _validate.tensor("cache_seqlens", cache_seqlens, (torch.int32, torch.int64))
+    _validate.same_device("cache_seqlens", lengths, "query", q)
+    b, hq, sq, d = q.shape
+    hk, s_max = kc.shape[1], kc.shape[2]
+    if kc.shape[0] != b or vc.shape[0] != b:
+        raise ValueError(f"k_cache and v_cache must have query's batch size {b}, got {kc.shape[0]} and {vc.shape[0]}")
+    if kc.shape[-1] != d:
+        raise ValueError(f"k_cache's head dim {kc.shape[-1]} differs from query's {d}")
+    if vc.shape[1:3] != kc.shape[1:3]:
+        raise ValueError(f"v_cache's heads and length {tuple(vc.shape[1:3])} differ from k_cache's {tuple(kc.shape[1:3])}")
+    if hq % hk != 0:
+        raise ValueError(f"query heads ({hq}) must be a multiple of k_cache heads ({hk})")
+    if tuple(lengths.shape) != (b,):
+        raise ValueError(f"cache_seqlens must have shape ({b},), got {tuple(lengths.shape)}")
+    if lengths.device.type == "cpu" and lengths.numel() and (lengths.min() < 0 or lengths.max() > s_max):
+        raise ValueError(f"cache_seqlens must lie in [0, {s_max}] (the cache length), got {lengths.tolist()}")
+    mask = _attention_mask(attn_mask, q, (b, hq, sq, s_max), False)
+    scale = 1.0 / math.sqrt(d) if scale is None else _validate.number("scale", scale)
+    if q.numel() == 0 or s_max == 0:
+        out, lse = reference.attention_with_kv_cache(q, kc, vc, lengths, mask, scale)
+    else:
+        with torch.no_grad():
+            out, lse = ops.attention.attention_decode(q, kc, vc, lengths, mask, scale, backend)
+    return (out, lse) if return_lse else out
+
+
+def _attention_mask(attn_mask, q: Tensor, shape: tuple, without_heads: bool) -> Optional[Tensor]:
+    if attn_mask is None:
+        return None
+    mask = _validate.tensor("attn_mask", attn_mask, (torch.bool,) + _validate.FLOAT_DTYPES)
+    _validate.same_device("attn_mask", mask, "query", q)
+    if without_heads and mask.dim() == 3:  # [B, Sq, Sk] for 3-D inputs
+        mask = mask.unsqueeze(1)
+    _validate.broadcastable("attn_mask", mask, shape)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------
+# GeLU, linear layers, the feed-forward block
+
+_ACTIVATIONS = {None: "none", "none": "none", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def gelu(input: Tensor, approximate: str = "none", *, backend: Optional[str] = None) -> Tensor:
+    """Same as torch.nn.functional.gelu: x * Phi(x), or its tanh approximation (approximate="tanh")."""
+    x = _validate.tensor("input", input)
+    _validate.choice("approximate", approximate, ("none", "tanh"))
+    if x.numel() == 0:
+        return x.clone()
+    return ops.linear.gelu(x, approximate, backend).view(x.shape)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None, *,
+           backend: Optional[str] = None) -> Tensor:
+    """activation(input @ weight^T + bias), with bias and activation fused into the matrix
+    product's epilogue. input [..., in], weight [out, in] (torch.nn.Linear's layout), bias [out];
+    activation None, "gelu", "gelu_tanh" or "relu". With activation=None it is
+    torch.nn.functional.linear."""
+    x, w, b, act = _check_linear("input", input, "weight", weight, "bias", bias, activation)
+    return _run_linear(x, w, b, act, 0.0, None, backend)
+
+
+def feed_forward(input: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                 activation: str = "gelu", dropout_p: float = 0.0, residual: Optional[Tensor] = None, *,
+                 backend: Optional[str] = None) -> Tensor:
+    """The transformer feed-forward block, dropout(act(x W1^T + b1)) W2^T + b2 (+ residual), as two
+    products whose epilogues carry the bias, the activation, the dropout and the residual add.
+    input [..., d_model], w1 [d_ff, d_model], b1 [d_ff], w2 [d_model, d_ff], b2 [d_model],
+    residual like input. Dropout (on the hidden activation) is applied whenever dropout_p > 0, as
+    in torch.nn.functional.dropout(training=True)."""
+    x, w1, b1, act = _check_linear("input", input, "w1", w1, "b1", b1, activation)
+    _, w2, b2, _ = _check_linear("hidden", x.new_empty(0, w1.shape[0]), "w2", w2, "b2", b2, None)
+    dropout_p = _validate.number("dropout_p", dropout_p, low=0.0, high=1.0, include_high=False)
+    if residual is not None:
+        _validate.tensor("residual", residual)
+        _validate.same_dtypes_and_device("input", x, residual=residual)
+        _validate.shape("residual", residual, (*x.shape[:-1], w2.shape[0]))
+    hidden = _run_linear(x, w1, b1, act, dropout_p, None, backend)
+    return _run_linear(hidden, w2, b2, "none", 0.0, residual, backend)
+
+
+def _check_linear(input_name, input, weight_name, weight, bias_name, bias, activation):
+    x = _validate.tensor(input_name, input)
+    w = _validate.tensor(weight_name, weight)
+    _validate.rank(weight_name, w, (2,))
+    if x.dim() == 0:
+        raise ValueError(f"{input_name} must have at least 1 dim, got a scalar")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"{weight_name} takes {w.shape[1]} input features but {input_name} has {x.shape[-1]} "
+                         f"(last dim of shape {tuple(x.shape)})")
+    b = _validate.optional_tensor(bias_name, bias)
+    _validate.shape(bias_name, b, (w.shape[0],))
+    _validate.same_dtypes_and_device(input_name, x, **{weight_name: w, bias_name: b})
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of None, 'gelu', 'gelu_tanh', 'relu', got {activation!r}")
+    return x, w, b, _ACTIVATIONS[activation]
+
+
+def _run_linear(x, w, b, activation, dropout_p, residual, backend):
+    if x.numel() == 0 or w.numel() == 0:  # nothing to multiply: the plain torch math answers
+        m = math.prod(x.shape[:-1])
+        out, _ = reference.linear(x.reshape(m, w.shape[1]), w, b, activation, residual=(
+            residual.reshape(m, w.shape[0]) if residual is not None else None))
+        return out.view(*x.shape[:-1], w.shape[0])
+    out, _ = ops.linear.linear(x, w, b, activation, dropout_p, residual, backend)
+    return out

@@ -139,8 +139,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
         scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu(1), -math.inf)
     # softmax with a detached row max (softmax does not depend on it) that is 0 for rows with no
     # visible key, so that such rows give exp(-inf) = 0 everywhere and no NaN in any gradient
-    row_max = scores.detach().amax(-1, keepdim=True)
-    row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
+    if scores.shape[-1] == 0:  # no keys at all
+        row_max = scores.new_zeros(*scores.shape[:-1], 1)
+    else:
+        row_max = scores.detach().amax(-1, keepdim=True)
+        row_max = torch.where(torch.isinf(row_max), 0.0, row_max)
     weights = torch.exp(scores - row_max)
     total = weights.sum(-1, keepdim=True)
     probs = weights / torch.where(total == 0, 1.0, total)

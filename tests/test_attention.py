@@ -1,0 +1,336 @@
+"""scaled_dot_product_attention and attention_with_kv_cache on every backend against the float64
+reference and torch's SDPA: shapes, masks, causality, GQA, dtypes, gradients, dropout, decode,
+gradcheck and bad inputs."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.functional as EF
+from common import assert_matches_reference
+from conftest import backend_device_pairs, skip_unless_runs
+from engine import reference
+from engine.ops import attention as attention_op
+
+fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
+
+
+class Case:
+    """One attention problem: q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv]."""
+
+    def __init__(self, b=1, hq=2, hk=None, sq=17, sk=None, d=64, dv=None, causal=False, mask=None, dtype=fp32):
+        self.b, self.hq, self.hk, self.sq = b, hq, hk or hq, sq
+        self.sk, self.d, self.dv = sk or sq, d, dv or d
+        self.causal, self.mask, self.dtype = causal, mask, dtype
+
+    def __repr__(self):
+        parts = [f"b{self.b}", f"h{self.hq}" + (f"/{self.hk}" if self.hk != self.hq else ""), f"q{self.sq}",
+                 f"k{self.sk}", f"d{self.d}" + (f"/{self.dv}" if self.dv != self.d else "")]
+        parts += ["causal"] if self.causal else []
+        parts += [f"mask-{self.mask}"] if self.mask else []
+        return "-".join(parts + [str(self.dtype).removeprefix("torch.")])
+
+
+CASES = [
+    # lengths that are not multiples of any block size, Sq = 1, Sq != Sk (cross-attention)
+    Case(sq=17), Case(sq=17, causal=True), Case(b=2, sq=100, d=32, causal=True),
+    Case(hq=1, sq=1, sk=257), Case(sq=257, sk=100, d=16), Case(sq=1, sk=1, causal=True),
+    Case(sq=17, sk=100, d=80, causal=True), Case(sq=100, sk=17, causal=True),
+    # head dims 16..256, non-powers of two, Dv != D
+    Case(sq=33, d=96), Case(hq=1, sq=33, sk=40, d=128, causal=True), Case(hq=1, sq=20, d=256),
+    Case(sq=20, sk=30, d=64, dv=32),
+    # GQA and MQA
+    Case(hq=4, hk=2, sq=33, causal=True), Case(hq=4, hk=1, sq=17, sk=40), Case(b=2, hq=6, hk=2, sq=9, d=32),
+    # masks in each broadcast form, bool and float, with fully masked rows
+    Case(b=2, sq=20, sk=30, mask="bool-B11K"), Case(b=2, sq=20, sk=30, mask="float-B11K"),
+    Case(b=2, sq=20, sk=30, mask="bool-K"), Case(sq=20, sk=30, mask="float-QK"),
+    Case(b=2, sq=20, sk=30, mask="bool-BHQK"), Case(b=2, sq=20, sk=30, mask="float-BHQK"),
+    Case(b=2, sq=20, sk=30, mask="bool-B1Q1"), Case(b=2, sq=20, sk=30, mask="bool-padded-rows"),
+    Case(b=2, sq=20, sk=30, mask="float-neginf-rows"), Case(b=2, hq=4, hk=2, sq=20, causal=True, mask="bool-B11K"),
+    # low precision
+    Case(sq=17, dtype=fp16), Case(sq=33, causal=True, dtype=bf16), Case(hq=4, hk=2, sq=20, d=80, dtype=fp16),
+    Case(b=2, sq=20, sk=30, mask="bool-B11K", dtype=bf16), Case(sq=40, d=128, causal=True, dtype=bf16),
+    Case(sq=20, sk=30, mask="float-QK", dtype=fp16),
+]
+
+
+def make_mask(kind, b, h, sq, sk, dtype, generator):
+    """A mask of the named broadcast form: bool (True = attend) or float (added to the scores)."""
+    if kind is None:
+        return None
+    shapes = {"B11K": (b, 1, 1, sk), "K": (sk,), "QK": (sq, sk), "BHQK": (b, h, sq, sk), "B1Q1": (b, 1, sq, 1)}
+    if kind == "bool-padded-rows":  # batch 1 sees nothing at all; batch 0 loses its first 5 keys
+        mask = torch.ones(b, 1, 1, sk, dtype=torch.bool)
+        mask[1] = False
+        mask[0, ..., :5] = False
+        return mask
+    if kind == "float-neginf-rows":  # -inf on every key of some query rows
+        mask = torch.randn(b, 1, sq, sk, generator=generator)
+        mask[:, :, ::3] = -math.inf
+        return mask.to(dtype)
+    kind_dtype, form = kind.split("-")
+    shape = shapes[form]
+    if kind_dtype == "bool":
+        mask = torch.rand(shape, generator=generator) > 0.3
+        if form == "B1Q1":
+            mask[0, 0, 0] = False  # a fully masked query row
+        return mask
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
+def make_inputs(case, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(case.b, case.hq, case.sq, case.d, generator=g)
+    k = torch.randn(case.b, case.hk, case.sk, case.d, generator=g)
+    v = torch.randn(case.b, case.hk, case.sk, case.dv, generator=g)
+    mask = make_mask(case.mask, case.b, case.hq, case.sq, case.sk, case.dtype, g)
+    q, k, v = (t.to(device, case.dtype).requires_grad_() for t in (q, k, v))
+    return q, k, v, (mask.to(device) if mask is not None else None), g
+
+
+def visible_rows(mask, causal, shape):
+    """[B, Hq, Sq] True where the query row sees at least one key."""
+    b, h, sq, sk = shape
+    bias = reference._mask_bias(mask.expand(shape) if mask is not None else None, causal, sq, sk, torch.float64,
+                                "cpu")
+    return torch.isfinite(bias).any(-1).expand(b, h, sq)
+
+
+def torch_sdpa(q, k, v, mask, causal, scale=None):
+    """torch's SDPA in the inputs' dtype (the baseline), with rows that see no key set to zero
+    (torch may give NaN there; the engine's defined answer is zero). torch rejects mask + causal
+    together, so a causal mask is folded into the mask."""
+    b, h, sq, _ = q.shape
+    sk = k.shape[2]
+    bias = reference._mask_bias(mask.expand(b, h, sq, sk) if mask is not None else None, causal, sq, sk,
+                                torch.float32, q.device)
+    rows = torch.isfinite(bias).any(-1, keepdim=True)
+    bias = torch.where(rows, bias, 0.0).to(q.dtype)  # hidden rows attend everywhere, then get zeroed
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=k.shape[1] != h)
+    return out * rows
+
+
+def outputs_and_grads(fn, q, k, v, g):
+    out = fn(q, k, v)
+    grad_out = torch.randn(out.shape, generator=g).to(out)
+    return [out, *torch.autograd.grad(out, (q, k, v), grad_out)]
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_matches_reference_and_torch(case, backend, device):
+    skip_unless_runs(backend, device)
+    q, k, v, mask, g = make_inputs(case, device)
+    gqa = case.hk != case.hq
+    state = g.get_state()
+    ours = outputs_and_grads(lambda q, k, v: EF.scaled_dot_product_attention(
+        q, k, v, mask, is_causal=case.causal, enable_gqa=gqa, backend=backend), q, k, v, g)
+    g.set_state(state)
+    baseline = outputs_and_grads(lambda q, k, v: torch_sdpa(q, k, v, mask, case.causal), q, k, v, g)
+    g.set_state(state)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
+    expected = outputs_and_grads(lambda q, k, v: reference.attention(q, k, v, mask64, case.causal,
+                                                                     1 / math.sqrt(case.d))[0], q64, k64, v64, g)
+    for name, actual, exp, base in zip(["out", "dq", "dk", "dv"], ours, expected, baseline):
+        assert actual.dtype == case.dtype and actual.shape == exp.shape
+        assert_matches_reference(actual, exp, base, name=name)
+    hidden = ~visible_rows(mask, case.causal, (case.b, case.hq, case.sq, case.sk))
+    if hidden.any():  # rows with no visible key: zeros, zero query gradients
+        assert (ours[0][hidden] == 0).all() and (ours[1][hidden] == 0).all()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_matches_torch_sdpa_plain_call(backend, device):
+    """The drop-in call: same arguments, same result as torch's function."""
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 24, 32, generator=g).to(device) for _ in range(3))
+    mask = (torch.rand(2, 1, 24, 24, generator=g) > 0.2).to(device)
+    for kwargs in [{}, {"is_causal": True}, {"attn_mask": mask}, {"scale": 0.3}]:
+        ours = EF.scaled_dot_product_attention(q, k, v, backend=backend, **kwargs)
+        torch.testing.assert_close(ours, F.scaled_dot_product_attention(q, k, v, **kwargs), atol=2e-5, rtol=1e-4)
+    ours = EF.scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], is_causal=True, backend=backend)  # 3-D
+    torch.testing.assert_close(ours, F.scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0], is_causal=True),
+                               atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_return_lse(backend, device):
+    skip_unless_runs(backend, device)
+    q, k, v, mask, _ = make_inputs(Case(b=2, sq=20, sk=30, mask="bool-padded-rows"), device)
+    out, lse = EF.scaled_dot_product_attention(q, k, v, mask, backend=backend, return_lse=True)
+    _, expected = reference.attention(q.double(), k.double(), v.double(), mask, False, 1 / math.sqrt(64))
+    assert lse.dtype == torch.float32 and lse.shape == (2, 2, 20)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(lse), finite) and (lse[~finite] == -math.inf).all()
+    torch.testing.assert_close(lse[finite].double(), expected[finite], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout
+
+
+def _seed_the_op_draws(torch_seed: int) -> int:
+    """The dropout seed engine.ops.attention draws after torch.manual_seed(torch_seed)."""
+    torch.manual_seed(torch_seed)
+    return attention_op._draw_seed()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_dropout_mask_fraction_determinism_and_gradients(backend, device):
+    skip_unless_runs(backend, device)
+    p = 0.3
+    case = Case(hq=4, hk=2, sq=80, sk=96, d=32, causal=True)
+    q, k, v, _, g = make_inputs(case, device)
+    torch.manual_seed(7)
+    out, _, keep = attention_op.attention(q, k, v, None, True, 0.2, p, backend, return_dropout_mask=True)
+    # the mask used is the shared Philox stream for the seed torch's generator gave the op
+    expected_keep = reference.attention_dropout_mask(_seed_the_op_draws(7), p, 1, 4, 80, 96)
+    assert keep.dtype == torch.bool and torch.equal(keep.cpu(), expected_keep)
+    assert abs((1 - keep.float().mean().item()) - p) < 0.01
+    # the same torch seed reproduces the result exactly; another seed does not
+    torch.manual_seed(7)
+    again, _, _ = attention_op.attention(q, k, v, None, True, 0.2, p, backend)
+    assert torch.equal(out, again)
+    torch.manual_seed(8)
+    other, _, _ = attention_op.attention(q, k, v, None, True, 0.2, p, backend)
+    assert not torch.equal(out, other)
+    # forward and gradients equal the float64 reference with that mask
+    grad_out = torch.randn(out.shape, generator=g).to(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, _ = reference.attention(q64, k64, v64, None, True, 0.2, p, expected_keep.to(device))
+    grads64 = torch.autograd.grad(out64, (q64, k64, v64), grad_out.double())
+    torch.testing.assert_close(out.double(), out64, atol=1e-5, rtol=1e-5)
+    for actual, exp in zip(grads, grads64):
+        torch.testing.assert_close(actual.double(), exp, atol=1e-4, rtol=1e-4)
+
+
+def test_dropout_through_the_public_function_is_seeded_by_torch():
+    q, k, v, _, _ = make_inputs(Case(sq=30), "cpu")
+    torch.manual_seed(1)
+    first = EF.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+    torch.manual_seed(1)
+    assert torch.equal(first, EF.scaled_dot_product_attention(q, k, v, dropout_p=0.5))
+
+
+# ---------------------------------------------------------------------------------------------
+# KV-cache decode
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("hq,hk,sq,s_max,d,dtype,masked", [
+    (2, 2, 1, 64, 64, fp32, False), (4, 1, 1, 200, 32, fp32, False), (4, 2, 3, 100, 80, fp32, True),
+    (2, 2, 1, 300, 128, fp16, False), (6, 2, 2, 50, 64, bf16, True),
+])
+def test_decode_matches_reference(hq, hk, sq, s_max, d, dtype, masked, backend, device):
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(hq * 100 + s_max)
+    b = 3
+    q = torch.randn(b, hq, sq, d, generator=g).to(device, dtype)
+    k_cache = torch.randn(b, hk, s_max, d, generator=g).to(device, dtype)
+    v_cache = torch.randn(b, hk, s_max, d, generator=g).to(device, dtype)
+    lengths = torch.randint(sq, s_max + 1, (b,), generator=g)
+    lengths[0] = s_max  # a full cache
+    lengths = lengths.to(device, torch.int32)
+    mask = None
+    if masked:  # left padding: the first few cached positions of each sequence are hidden
+        mask = torch.ones(b, 1, 1, s_max, dtype=torch.bool)
+        mask[1, ..., :7] = False
+        mask = mask.to(device)
+    out, lse = EF.attention_with_kv_cache(q, k_cache, v_cache, lengths, mask, backend=backend, return_lse=True)
+    expected, expected_lse = reference.attention_with_kv_cache(q.double(), k_cache.double(), v_cache.double(),
+                                                                lengths, mask, 1 / math.sqrt(d))
+    baseline = torch_sdpa(q, k_cache, v_cache, reference.decode_mask(lengths, sq, s_max) & (
+        mask if mask is not None else True), False)
+    assert_matches_reference(out, expected, baseline)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-3 if dtype != fp32 else 1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_decode_equals_full_attention_on_the_valid_prefix(backend, device):
+    """One new query per sequence against the cache gives the last row of causal attention over
+    the sequence's valid prefix."""
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 2, 1, 32, generator=g).to(device)
+    k_cache = torch.randn(2, 2, 40, 32, generator=g).to(device)
+    v_cache = torch.randn(2, 2, 40, 32, generator=g).to(device)
+    lengths = torch.tensor([40, 13], dtype=torch.int32, device=device)
+    out = EF.attention_with_kv_cache(q, k_cache, v_cache, lengths, backend=backend)
+    for i, length in enumerate(lengths.tolist()):
+        full = F.scaled_dot_product_attention(q[i:i + 1], k_cache[i:i + 1, :, :length], v_cache[i:i + 1, :, :length])
+        torch.testing.assert_close(out[i:i + 1], full, atol=2e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 gradcheck where the backend supports float64
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("case", [Case(hq=2, hk=1, sq=5, sk=7, d=8, causal=True),
+                                  Case(b=2, sq=6, sk=5, d=8, dv=4, mask="float-B1Q1")], ids=repr)
+def test_gradcheck_float64(case, backend, device):
+    skip_unless_runs(backend, device)
+    case.dtype = torch.float64
+    q, k, v, mask, _ = make_inputs(case, device)
+    args = (q, k, v, mask, case.causal, 0.5, 0.0, 0, False)
+    reason = backends_reason(backend, args)
+    if reason:
+        pytest.skip(f"{backend} does not take float64: {reason}")
+    fn = lambda q, k, v: EF.scaled_dot_product_attention(  # noqa: E731
+        q, k, v, mask, is_causal=case.causal, scale=0.5, enable_gqa=True, backend=backend)
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5)
+
+
+def backends_reason(backend, args):
+    from engine import backends
+
+    return backends.why_not("attention", backend, args[0].device, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs: a TypeError or ValueError naming the argument
+
+
+def _bad_calls():
+    q = torch.randn(2, 4, 8, 16)
+    k = torch.randn(2, 4, 10, 16)
+    v = torch.randn(2, 4, 10, 16)
+    sdpa = EF.scaled_dot_product_attention
+    yield "key", ValueError, lambda: sdpa(q, torch.randn(2, 4, 10, 8), v)                  # head dims differ
+    yield "value", ValueError, lambda: sdpa(q, k, torch.randn(2, 4, 9, 16))                # Sk differs
+    yield "attn_mask", ValueError, lambda: sdpa(q, k, v, torch.ones(8, 9, dtype=torch.bool))
+    yield "attn_mask", ValueError, lambda: sdpa(q, k, v, torch.ones(3, 4, 8, 10, dtype=torch.bool))
+    yield "attn_mask", TypeError, lambda: sdpa(q, k, v, torch.ones(8, 10, dtype=torch.int32))
+    yield "query", ValueError, lambda: sdpa(torch.randn(16), k, v)                         # rank
+    yield "query", ValueError, lambda: sdpa(torch.randn(1, 2, 4, 8, 16), k, v)
+    yield "same rank", ValueError, lambda: sdpa(q[0], k, v)
+    yield "enable_gqa", ValueError, lambda: sdpa(q, k[:, :2], v[:, :2])                    # needs enable_gqa
+    yield "multiple", ValueError, lambda: sdpa(torch.randn(2, 5, 8, 16), k[:, :2], v[:, :2], enable_gqa=True)
+    yield "dropout_p", ValueError, lambda: sdpa(q, k, v, dropout_p=1.0)
+    yield "dropout_p", ValueError, lambda: sdpa(q, k, v, dropout_p=-0.1)
+    yield "key", TypeError, lambda: sdpa(q, k.double(), v)
+    yield "query", TypeError, lambda: sdpa(q.long(), k, v)
+    yield "value", ValueError, lambda: sdpa(q, k, v.to("meta"))
+    yield "batch", ValueError, lambda: sdpa(q, k[:1], v[:1])
+    yield "is_causal", TypeError, lambda: sdpa(q, k, v, is_causal="yes")
+    decode = EF.attention_with_kv_cache
+    lengths = torch.tensor([3, 10], dtype=torch.int32)
+    yield "cache_seqlens", TypeError, lambda: decode(q, k, v, lengths.float())
+    yield "cache_seqlens", ValueError, lambda: decode(q, k, v, torch.tensor([3, 11]))
+    yield "cache_seqlens", ValueError, lambda: decode(q, k, v, torch.tensor([3]))
+    yield "k_cache", ValueError, lambda: decode(q, k[:, :3], v[:, :3], lengths)
+    yield "v_cache", ValueError, lambda: decode(q, k, v[:, :, :5], lengths)
+    yield "k_cache", ValueError, lambda: decode(q, k[0], v, lengths)
+
+
+@pytest.mark.parametrize("argument,error,call", list(_bad_calls()),
+                         ids=[f"{i}-{a}" for i, (a, _, _) in enumerate(_bad_calls())])
+def test_bad_input_names_the_argument(argument, error, call):
+    with pytest.raises(error, match=argument):
+        call()
