@@ -1,0 +1,257 @@
+"""gelu, linear (fused bias + activation), feed_forward (fused bias, activation, dropout,
+residual) on every backend against the float64 reference; dropout; gradcheck; bad inputs; modules."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine
+import engine.functional as EF
+from common import assert_matches_reference
+from conftest import backend_device_pairs, skip_unless_runs
+from engine import backends, reference
+from engine.ops import linear as linear_op
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TORCH_ACTIVATION = {None: lambda y: y, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+                    "relu": F.relu}
+
+
+def rand(*shape, g, dtype, device, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(device, dtype).requires_grad_()
+
+
+def grads_of(out, leaves, g):
+    grad_out = torch.randn(out.shape, generator=g).to(out)
+    return [out, *torch.autograd.grad(out, [t for t in leaves if t is not None], grad_out)]
+
+
+def check_all(ours, baseline, expected, names):
+    assert len(ours) == len(baseline) == len(expected) == len(names)
+    for name, actual, base, exp in zip(names, ours, baseline, expected):
+        assert_matches_reference(actual, exp, base, name=name)
+
+
+# (M, K, N): 1, odd, prime, non-powers of two, GPT-2's FFN width
+SHAPES = [(1, 7, 129), (7, 129, 1), (129, 1000, 7), (33, 64, 3072), (1000, 7, 129)]
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_linear_matches_reference(shape, activation, dtype, backend, device):
+    skip_unless_runs(backend, device)
+    m, k, n = shape
+    g = torch.Generator().manual_seed(m * 7 + n)
+    x = rand(m, k, g=g, dtype=dtype, device=device)
+    w = rand(n, k, g=g, dtype=dtype, device=device, scale=k ** -0.5)
+    b = rand(n, g=g, dtype=dtype, device=device) if n != 1 else None  # also cover no bias
+    state = g.get_state()
+    ours = grads_of(EF.linear(x, w, b, activation, backend=backend), (x, w, b), g)
+    g.set_state(state)
+    baseline = grads_of(TORCH_ACTIVATION[activation](F.linear(x, w, b)), (x, w, b), g)
+    g.set_state(state)
+    x64, w64, b64 = (t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b))
+    expected = grads_of(reference.linear(x64, w64, b64, reference.ACTIVATIONS[0] if activation is None
+                                         else activation)[0], (x64, w64, b64), g)
+    check_all(ours, baseline, expected, ["out", "dx", "dw", "db"][:len(ours)])
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_feed_forward_matches_reference(with_residual, dtype, backend, device):
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(11)
+    m, d_model, d_ff = 37, 96, 3 * 129
+    x = rand(2, m, d_model, g=g, dtype=dtype, device=device)
+    w1 = rand(d_ff, d_model, g=g, dtype=dtype, device=device, scale=d_model ** -0.5)
+    b1 = rand(d_ff, g=g, dtype=dtype, device=device)
+    w2 = rand(d_model, d_ff, g=g, dtype=dtype, device=device, scale=d_ff ** -0.5)
+    b2 = rand(d_model, g=g, dtype=dtype, device=device)
+    r = rand(2, m, d_model, g=g, dtype=dtype, device=device) if with_residual else None
+    leaves = (x, w1, b1, w2, b2, r)
+
+    def torch_ffn(x, w1, b1, w2, b2, r):
+        y = F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+        return y + r if r is not None else y
+
+    state = g.get_state()
+    ours = grads_of(EF.feed_forward(x, w1, b1, w2, b2, residual=r, backend=backend), leaves, g)
+    g.set_state(state)
+    baseline = grads_of(torch_ffn(*leaves), leaves, g)
+    g.set_state(state)
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
+    expected = grads_of(torch_ffn(*leaves64), leaves64, g)
+    names = ["out", "dx", "dw1", "db1", "dw2", "db2", "dresidual"][:len(ours)]
+    check_all(ours, baseline, expected, names)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_matches_reference(approximate, dtype, backend, device):
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(2)
+    x = rand(3, 5, 129, g=g, dtype=dtype, device=device, scale=3.0)
+    state = g.get_state()
+    ours = grads_of(EF.gelu(x, approximate, backend=backend), (x,), g)
+    g.set_state(state)
+    baseline = grads_of(F.gelu(x, approximate=approximate), (x,), g)
+    g.set_state(state)
+    x64 = x.detach().double().requires_grad_()
+    expected = grads_of(F.gelu(x64, approximate=approximate), (x64,), g)
+    check_all(ours, baseline, expected, ["out", "dx"])
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_non_contiguous_weight_and_input(backend, device):
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, 2, 24, generator=g).to(device)[:, 0]          # row stride 48
+    w = torch.randn(24, 33, generator=g).to(device).t()                # [33, 24] transposed
+    b = torch.randn(33, generator=g).to(device)
+    out = EF.linear(x, w, b, "gelu", backend=backend)
+    expected = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    assert_matches_reference(out, expected, F.gelu(F.linear(x, w, b)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout inside the epilogue
+
+
+def _seed_the_op_draws(torch_seed: int) -> int:
+    torch.manual_seed(torch_seed)
+    return linear_op._draw_seed()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_dropout_mask_fraction_determinism_and_gradients(backend, device):
+    skip_unless_runs(backend, device)
+    p, m, k, n = 0.2, 150, 64, 257
+    g = torch.Generator().manual_seed(9)
+    x = rand(m, k, g=g, dtype=torch.float32, device=device)
+    w = rand(n, k, g=g, dtype=torch.float32, device=device, scale=0.125)
+    b = rand(n, g=g, dtype=torch.float32, device=device)
+    torch.manual_seed(3)
+    out, keep = linear_op.linear(x, w, b, "gelu", p, None, backend, return_dropout_mask=True)
+    expected_keep = reference.dropout_keep_mask(_seed_the_op_draws(3), p, m, n).view(m, n)
+    assert keep.dtype == torch.bool and torch.equal(keep.cpu(), expected_keep)
+    assert abs((1 - keep.float().mean().item()) - p) < 0.01
+    torch.manual_seed(3)
+    assert torch.equal(out, linear_op.linear(x, w, b, "gelu", p, None, backend)[0])
+    torch.manual_seed(4)
+    assert not torch.equal(out, linear_op.linear(x, w, b, "gelu", p, None, backend)[0])
+    grad_out = torch.randn(out.shape, generator=g).to(out)
+    grads = torch.autograd.grad(out, (x, w, b), grad_out)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    out64, _ = reference.linear(x64, w64, b64, "gelu", p, expected_keep.to(device))
+    grads64 = torch.autograd.grad(out64, (x64, w64, b64), grad_out.double())
+    torch.testing.assert_close(out.double(), out64, atol=1e-4, rtol=1e-4)
+    for actual, exp in zip(grads, grads64):
+        torch.testing.assert_close(actual.double(), exp, atol=1e-3, rtol=1e-4)
+
+
+def test_feed_forward_dropout_is_seeded_by_torch():
+    g = torch.Generator().manual_seed(0)
+    x, w1, b1 = torch.randn(8, 16, generator=g), torch.randn(64, 16, generator=g), torch.randn(64, generator=g)
+    w2, b2 = torch.randn(16, 64, generator=g), torch.randn(16, generator=g)
+    torch.manual_seed(5)
+    first = EF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.5)
+    torch.manual_seed(5)
+    assert torch.equal(first, EF.feed_forward(x, w1, b1, w2, b2, dropout_p=0.5))
+    assert not torch.equal(first, EF.feed_forward(x, w1, b1, w2, b2))
+
+
+# ---------------------------------------------------------------------------------------------
+# float64 gradcheck where the backend supports float64
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", None])
+def test_gradcheck_float64(activation, backend, device):
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 6, dtype=torch.float64, generator=g).to(device).requires_grad_()
+    w = torch.randn(7, 6, dtype=torch.float64, generator=g).to(device).requires_grad_()
+    b = torch.randn(7, dtype=torch.float64, generator=g).to(device).requires_grad_()
+    reason = backends.why_not("linear", backend, x.device, (x, w, b, activation or "none", 0.0, 0, None, False))
+    if reason:
+        pytest.skip(f"{backend} does not take float64: {reason}")
+    assert torch.autograd.gradcheck(lambda x, w, b: EF.linear(x, w, b, activation, backend=backend), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x: EF.gelu(x, "tanh", backend=backend), (x,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad inputs
+
+
+def _bad_calls():
+    x, w, b = torch.randn(4, 8), torch.randn(16, 8), torch.randn(16)
+    w2, b2 = torch.randn(8, 16), torch.randn(8)
+    yield "weight", ValueError, lambda: EF.linear(x, torch.randn(16, 7))          # feature mismatch
+    yield "weight", ValueError, lambda: EF.linear(x, torch.randn(16))              # rank
+    yield "bias", ValueError, lambda: EF.linear(x, w, torch.randn(15))
+    yield "activation", ValueError, lambda: EF.linear(x, w, b, "swish")
+    yield "weight", TypeError, lambda: EF.linear(x, w.half())
+    yield "input", TypeError, lambda: EF.linear(x.int(), w)
+    yield "bias", ValueError, lambda: EF.linear(x, w, b.to("meta"))
+    yield "approximate", ValueError, lambda: EF.gelu(x, "fast")
+    yield "input", TypeError, lambda: EF.gelu([1.0])
+    yield "dropout_p", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, dropout_p=1.0)
+    yield "dropout_p", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, dropout_p=-0.5)
+    yield "w2", ValueError, lambda: EF.feed_forward(x, w, b, torch.randn(8, 15), b2)
+    yield "b1", ValueError, lambda: EF.feed_forward(x, w, torch.randn(3), w2, b2)
+    yield "residual", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, residual=torch.randn(4, 9))
+    yield "activation", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, activation="tanh")
+    yield "activation", ValueError, lambda: engine.nn.Linear(4, 4, activation="silu")
+
+
+@pytest.mark.parametrize("argument,error,call", list(_bad_calls()),
+                         ids=[f"{i}-{a}" for i, (a, _, _) in enumerate(_bad_calls())])
+def test_bad_input_names_the_argument(argument, error, call):
+    with pytest.raises(error, match=argument):
+        call()
+
+
+def test_empty_inputs():
+    w, b = torch.randn(5, 3), torch.randn(5)
+    assert EF.linear(torch.randn(0, 3), w, b, "gelu").shape == (0, 5)
+    torch.testing.assert_close(EF.linear(torch.randn(2, 0), torch.randn(5, 0), b), b.expand(2, 5))
+    assert EF.gelu(torch.randn(0, 4)).shape == (0, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+
+def test_linear_module_loads_torch_state_dict():
+    torch_linear = torch.nn.Linear(12, 20)
+    ours = engine.nn.Linear(12, 20, activation="gelu")
+    ours.load_state_dict(torch_linear.state_dict())
+    x = torch.randn(3, 4, 12)
+    torch.testing.assert_close(ours(x), F.gelu(torch_linear(x)), atol=1e-5, rtol=1e-5)
+    plain = engine.nn.Linear(12, 20, bias=False)
+    plain.load_state_dict(torch.nn.Linear(12, 20, bias=False).state_dict())
+    assert isinstance(ours, torch.nn.Linear) and "activation='gelu'" in repr(ours)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_module(approximate):
+    x = torch.randn(4, 9)
+    torch.testing.assert_close(engine.nn.GELU(approximate)(x), torch.nn.GELU(approximate)(x), atol=1e-6, rtol=1e-6)
+
+
+def test_feed_forward_module():
+    ffn = engine.nn.FeedForward(16, 48, activation="relu", dropout=0.3)
+    x = torch.randn(2, 5, 16)
+    expected = ffn.linear2(F.relu(ffn.linear1(x)))
+    ffn.eval()
+    torch.testing.assert_close(ffn(x), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ffn(x, residual=x), expected + x, atol=1e-5, rtol=1e-5)
+    ffn.train()
+    assert not torch.allclose(ffn(x), expected)
+    assert set(ffn.state_dict()) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
