@@ -29,7 +29,13 @@ from engine import backends
 ALLOCATOR_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=17179869184"
 
 # op group name -> bench module (each has cases(device, quick, backends) and targets(rows, ceilings))
-SUITES = {"layer_norm": "bench.layer_norm"}
+SUITES = {"layer_norm": "bench.layer_norm", "attention": "bench.attention", "linear": "bench.linear"}
+# plots: (sweep key on the x axis, row attribute on the y axis, y label)
+PLOTS = [("width", "gb_per_s", "GB/s (bytes that must move / time)"),
+         ("seq_len", "tflop_per_s", "TFLOP/s (FLOPs formula in bench/attention.py)"),
+         ("batch", "gb_per_s", "GB/s (cache bytes read / time)"),
+         ("rows", "tflop_per_s", "TFLOP/s (FLOPs formula in bench/linear.py)"),
+         ("numel", "gb_per_s", "GB/s (bytes that must move / time)")]
 
 
 def engine_backends(device: torch.device) -> list[str]:
@@ -106,7 +112,7 @@ def main(argv=None) -> int:
             "seconds": round(time.perf_counter() - started, 1), "argv": sys.argv[1:],
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     harness.write_json(out / "results.json", rows, ceilings, meta)
-    plots = harness.plot(rows, out / "plots", "width", "gb_per_s", "GB/s (bytes that must move / time)")
+    plots = [path for x_key, y_attr, label in PLOTS for path in harness.plot(rows, out / "plots", x_key, y_attr, label)]
     print(f"\nwrote {out / 'results.json'} and {len(plots)} plots in {out / 'plots'}")
     return 0
 

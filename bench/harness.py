@@ -32,6 +32,7 @@ class Case:
     flops: Optional[int] = None           # floating-point operations (formula at the case)
     sweep: dict = field(default_factory=dict)  # x-axis values for plots, e.g. {"width": 768}
     baseline: str = BASELINE     # the implementation speedups are measured against
+    unchecked: tuple = ()        # implementations timed for comparison only (a different op)
 
 
 @dataclass
@@ -50,6 +51,13 @@ class Row:
     max_error: Optional[float]    # max |output - float64 reference|
     sweep: dict
     extra: dict = field(default_factory=dict)
+
+
+def implemented(op: str, names: list[str]) -> list[str]:
+    """The backends among `names` that have an implementation of engine op `op`."""
+    from engine import backends
+
+    return [name for name in names if name in backends.ops().get(op, ())]
 
 
 def synchronize(device: torch.device) -> None:
@@ -121,7 +129,8 @@ def max_error(output, expected: torch.Tensor) -> float:
 def run_case(case: Case, device: torch.device, ceilings: Ceilings, repeats: int) -> list[Row]:
     """Times and checks every implementation of one case; speedups against case.baseline."""
     expected = case.expected()
-    errors = {name: max_error(fn(), expected) for name, fn in case.implementations.items()}
+    errors = {name: None if name in case.unchecked else max_error(fn(), expected)
+              for name, fn in case.implementations.items()}
     times = median_seconds(case.implementations, device, repeats)
     base = times.get(case.baseline)
     rows = []

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import engine.functional as EF
-from bench.harness import Case
+from bench.harness import Case, implemented
 
 TARGET_ROWS, TARGET_WIDTH = 8192, 768
 WIDTHS = [256, 512, 768, 1024, 2048, 4096, 8192, 16384, 65536]
@@ -85,6 +85,7 @@ def _backward_case(op, m, n, dtype, device, backends, with_compile):
 
 
 def cases(device: torch.device, quick: bool, backends: list[str]):
+    backends = implemented("layer_norm", backends)
     widths = QUICK_WIDTHS if quick else WIDTHS
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
     for op in OPS:

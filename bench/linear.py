@@ -1,0 +1,141 @@
+"""Benchmarks of the fused feed-forward pieces: linear with GeLU in the epilogue, the whole FFN
+block, and GeLU alone; forward and forward+backward; every engine backend against eager PyTorch
+and torch.compile, with the bare matrix product of the same shape for scale.
+
+FLOPs: a product [M, K] x [K, N] is 2*M*N*K; forward+backward of a linear layer is 3x its
+forward (dX and dW are one product each). The FFN block is two products, [M, d] x [d, d_ff] and
+[M, d_ff] x [d_ff, d]. GeLU moves 2*numel*s bytes forward (read x, write y) and 3*numel*s in
+backward (read dy, x, write dx).
+"""
+import torch
+import torch.nn.functional as F
+
+import engine.functional as EF
+from bench.harness import Case, implemented
+from engine import reference
+
+M, D_MODEL, D_FF = 4096, 768, 3072
+QUICK_M = 1024
+
+
+def _params(m, dtype, device, grad):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, D_MODEL, generator=g).to(device, dtype).requires_grad_(grad)
+    w1 = (torch.randn(D_FF, D_MODEL, generator=g) * D_MODEL ** -0.5).to(device, dtype).requires_grad_(grad)
+    b1 = torch.randn(D_FF, generator=g).to(device, dtype).requires_grad_(grad)
+    w2 = (torch.randn(D_MODEL, D_FF, generator=g) * D_FF ** -0.5).to(device, dtype).requires_grad_(grad)
+    b2 = torch.randn(D_MODEL, generator=g).to(device, dtype).requires_grad_(grad)
+    return x, w1, b1, w2, b2
+
+
+def _torch_linear_gelu(x, w, b):
+    return F.gelu(F.linear(x, w, b))
+
+
+def _torch_ffn(x, w1, b1, w2, b2):
+    return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn)
+
+
+def _linear_gelu_cases(m, dtype, device, backends, with_compile):
+    x, w1, b1, _, _ = _params(m, dtype, device, False)
+    impls = {f"engine:{be}": (lambda be=be: EF.linear(x, w1, b1, "gelu", backend=be)) for be in backends}
+    impls["torch eager"] = lambda: _torch_linear_gelu(x, w1, b1)
+    if with_compile:
+        compiled = _compiled(_torch_linear_gelu)
+        impls["torch.compile"] = lambda: compiled(x, w1, b1)
+    impls["torch matmul alone"] = lambda: torch.mm(x, w1.t())
+    expected = lambda: reference.linear(x.double(), w1.double(), b1.double(), "gelu")[0]  # noqa: E731
+    flops = 2 * m * D_FF * D_MODEL
+    yield Case("linear_gelu", "fwd", f"{m}x{D_MODEL}->{D_FF}", dtype, impls, expected, flops=flops,
+               sweep={"rows": m}, unchecked=("torch matmul alone",))
+
+    xg, wg, bg, _, _ = _params(m, dtype, device, True)
+    dy = torch.randn(m, D_FF, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+    def step(call):  # forward + backward; returns dx
+        return torch.autograd.grad(call(xg, wg, bg), (xg, wg, bg), dy)[0]
+
+    impls = {f"engine:{be}": (lambda be=be: step(lambda x, w, b: EF.linear(x, w, b, "gelu", backend=be)))
+             for be in backends}
+    impls["torch eager"] = lambda: step(_torch_linear_gelu)
+    if with_compile:
+        compiled_step = _compiled(_torch_linear_gelu)
+        impls["torch.compile"] = lambda: step(compiled_step)
+
+    def expected_grad():
+        x64, w64, b64 = (t.detach().double().requires_grad_() for t in (xg, wg, bg))
+        return torch.autograd.grad(reference.linear(x64, w64, b64, "gelu")[0], (x64, w64, b64), dy.double())[0]
+
+    yield Case("linear_gelu", "fwd+bwd", f"{m}x{D_MODEL}->{D_FF}", dtype, impls, expected_grad, flops=3 * flops,
+               sweep={"rows": m})
+
+
+def _ffn_cases(m, dtype, device, backends, with_compile):
+    params = _params(m, dtype, device, False)
+    impls = {f"engine:{be}": (lambda be=be: EF.feed_forward(*params, backend=be)) for be in backends}
+    impls["torch eager"] = lambda: _torch_ffn(*params)
+    if with_compile:
+        compiled = _compiled(_torch_ffn)
+        impls["torch.compile"] = lambda: compiled(*params)
+    expected = lambda: _torch_ffn(*(t.double() for t in params))  # noqa: E731
+    flops = 2 * 2 * m * D_FF * D_MODEL
+    yield Case("feed_forward", "fwd", f"{m}x{D_MODEL}x{D_FF}", dtype, impls, expected, flops=flops, sweep={"rows": m})
+
+    grad_params = _params(m, dtype, device, True)
+    dy = torch.randn(m, D_MODEL, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+
+    def step(call):
+        return torch.autograd.grad(call(*grad_params), grad_params, dy)[0]
+
+    impls = {f"engine:{be}": (lambda be=be: step(lambda *p: EF.feed_forward(*p, backend=be))) for be in backends}
+    impls["torch eager"] = lambda: step(_torch_ffn)
+    if with_compile:
+        compiled_step = _compiled(_torch_ffn)
+        impls["torch.compile"] = lambda: step(compiled_step)
+
+    def expected_grad():
+        params64 = [t.detach().double().requires_grad_() for t in grad_params]
+        return torch.autograd.grad(_torch_ffn(*params64), params64, dy.double())[0]
+
+    yield Case("feed_forward", "fwd+bwd", f"{m}x{D_MODEL}x{D_FF}", dtype, impls, expected_grad, flops=3 * flops,
+               sweep={"rows": m})
+
+
+def _gelu_cases(numel, dtype, device, backends):
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    impls = {f"engine:{be}": (lambda be=be: EF.gelu(x, backend=be)) for be in backends}
+    impls["torch eager"] = lambda: F.gelu(x)
+    yield Case("gelu", "fwd", f"{numel}", dtype, impls, lambda: F.gelu(x.double()),
+               bytes_moved=2 * numel * x.element_size(), sweep={"numel": numel})
+
+
+def cases(device: torch.device, quick: bool, backends: list[str]):
+    linear_backends = implemented("linear", backends)
+    for m in ([QUICK_M] if quick else [1024, M]):
+        with_compile = m == M and not quick
+        yield from _linear_gelu_cases(m, torch.float32, device, linear_backends, with_compile)
+        yield from _ffn_cases(m, torch.float32, device, linear_backends, with_compile)
+    for numel in ([2**22] if quick else [2**20, 2**22, 2**24]):
+        yield from _gelu_cases(numel, torch.float32, device, implemented("gelu", backends))
+
+
+def targets(rows, ceilings) -> list[str]:
+    lines = []
+    pick = {(r.op, r.direction, r.implementation): r for r in rows
+            if r.shape.startswith(f"{M}x") and r.dtype == "float32"}
+    fused = pick.get(("linear_gelu", "fwd", "engine:cpu"))
+    bare = pick.get(("linear_gelu", "fwd", "torch matmul alone"))
+    if fused and bare:
+        lines.append(f"linear(activation='gelu') fwd, cpu backend, x [{M}, {D_MODEL}] W [{D_FF}, {D_MODEL}] fp32: "
+                     f"{fused.median_ms / bare.median_ms:.3f}x the bare matmul's time (target <= 1.05x), "
+                     f"{fused.speedup:.2f}x eager F.gelu(F.linear(...)) (target >= 1.15x)")
+    ffn = pick.get(("feed_forward", "fwd+bwd", "engine:cpu"))
+    if ffn:
+        lines.append(f"feed_forward fwd+bwd, cpu backend, [{M}, {D_MODEL}] d_ff {D_FF} fp32: {ffn.speedup:.2f}x eager "
+                     f"PyTorch (target >= 1.1x)")
+    return lines
