@@ -86,13 +86,16 @@ def _sample(fn: Callable, device: torch.device, calls: int) -> float:
 
 def median_seconds(fns: dict, device: torch.device, repeats: int, min_sample_s: float = 2e-3) -> dict:
     """Median wall time of one call of each function. Samples of the functions are interleaved
-    (round-robin), so that a machine whose speed drifts during the run (a shared VM) affects
-    all of them alike and their ratios stay honest."""
+    (round-robin, rotating the order), so that a machine whose speed drifts during the run (a
+    shared VM) affects all of them alike and their ratios stay honest."""
     calls = {name: _calls_per_sample(fn, device, min_sample_s) for name, fn in fns.items()}
     samples = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            samples[name].append(_sample(fn, device, calls[name]))
+    names = list(fns)
+    for repeat in range(repeats):
+        # rotate the order each round: what ran just before (and what it left in the caches)
+        # differs from round to round instead of always favouring the same implementation
+        for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+            samples[name].append(_sample(fns[name], device, calls[name]))
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
