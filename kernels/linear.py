@@ -1,0 +1,693 @@
+"""Linear layers with a fused epilogue, their backward, and GeLU, in Triton.
+
+    forward   out = dropout(act(x @ W^T + b)) + residual          x [M, K], W [N, K] (nn.Linear)
+    backward  g = grad_out * keep / (1 - p) * act'(pre)             (a prologue on each g tile)
+              dx = g @ W [M, K],  dW = g^T @ x [N, K],  db = g summed over rows [N]
+    gelu      y = x Phi(x) (erf form) or torch's tanh form, and its derivative, elementwise
+
+Dropout is the counter-based stream of engine/reference.py: word 0 of Philox4x32-10 (tl.philox)
+with key = seed (low, high 32 bits) and counters (n, m, 0, 0) for element [m, n], mapped to [0, 1)
+by tl.uint_to_uniform_float; kept iff u >= p, kept values scaled by 1 / (1 - p). The backward
+regenerates the mask from the seed instead of reading one.
+
+Memory traffic (s = bytes per element; compulsory traffic, what bench/ counts; x and W tiles are
+re-read from L2 by neighbouring programs, which the grouped program order keeps cheap):
+    forward:  reads M*K*s (x) + N*K*s (W) [+ N*s bias] [+ M*N*s residual];
+              writes M*N*s (out) [+ M*N*s pre-activation when act != none] [+ M*N bytes mask]
+    backward: dx kernel reads M*N*s (grad_out) [+ M*N*s pre] + N*K*s (W), writes M*K*s (dx)
+              [+ ceil(M/BLOCK_M)*N*4 partial bias sums];
+              dW kernel reads M*N*s (grad_out) [+ M*N*s pre] + M*K*s (x), writes N*K*s (dW)
+              [or S*N*K*4 fp32 partials when the reduction over M is split S ways]
+    gelu:     forward reads n*s, writes n*s; backward reads 2*n*s, writes n*s
+FLOPs: forward 2*M*N*K, backward 4*M*N*K (2*M*N*K without the weight gradient).
+
+Products run on tensor cores for fp16/bf16 (tl.dot on the 16-bit operands, fp32 accumulator:
+mma on sm80, wgmma on sm90, MFMA on gfx942). fp32 products use input_precision="ieee" (true fp32
+FMA, no TF32), which matches torch's default (torch.backends.cuda.matmul.allow_tf32 = False) and
+the fp32 accuracy the tests require; fp64 products accumulate in fp64. In the Triton interpreter
+tl.dot gets fp32 (fp64 for fp64 data) operands, since its 16-bit arithmetic is wrong.
+
+Program order: output tiles are visited in groups of GROUP rows of tiles (the "grouped" or
+swizzled order), so the programs running at the same time share the same few row panels of the
+left operand and column panels of the right one in L2.
+"""
+from typing import Optional
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common import INTERPRET, TORCH_TO_TL, GpuCompileCase
+
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TL = {**TORCH_TO_TL, torch.float64: tl.float64}
+
+GELU_BLOCK = 4096   # elements per program of the elementwise GeLU kernels
+GELU_WARPS = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared device functions
+
+
+@triton.jit
+def _tile_coords(pid, num_rows, num_cols, GROUP: tl.constexpr):
+    """(row tile, column tile) of program `pid` in the grouped order: GROUP row tiles are walked
+    column by column, so consecutive programs share row panels and column panels."""
+    in_group = GROUP * num_cols
+    group = pid // in_group
+    first_row = group * GROUP
+    rows_here = tl.minimum(num_rows - first_row, GROUP)
+    row = first_row + (pid % in_group) % rows_here
+    col = (pid % in_group) // rows_here
+    return row, col
+
+
+@triton.jit
+def _tanh(z):
+    """tanh from one exp of a non-positive argument (no overflow): sign(z) (1 - e) / (1 + e),
+    e = exp(-2|z|). Absolute error ~1 ulp of 1, which is what GeLU's (1 + tanh) needs."""
+    e = tl.exp(-2.0 * tl.abs(z))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _activate(x, ACTIVATION: tl.constexpr):
+    """act(x) elementwise in x's (fp32 or fp64) dtype; formulas as engine/reference.py activate."""
+    if ACTIVATION == "gelu":
+        return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+    elif ACTIVATION == "relu":
+        return tl.maximum(x, 0.0)
+    else:
+        return x
+
+
+@triton.jit
+def _activation_grad(x, ACTIVATION: tl.constexpr):
+    """d act(x) / dx elementwise; formulas as engine/reference.py activation_grad."""
+    if ACTIVATION == "gelu":
+        # Phi(x) + x phi(x)
+        return (0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+                + x * tl.exp(-0.5 * x * x) * 0.3989422804014327)
+    elif ACTIVATION == "gelu_tanh":
+        # y = x (1 + t) / 2, t = tanh(c (x + a x^3)): y' = (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2
+        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    elif ACTIVATION == "relu":
+        return tl.where(x > 0, 1.0, 0.0)
+    else:
+        return tl.full(x.shape, 1.0, x.dtype)
+
+
+@triton.jit
+def _dropout_keep(seed, m, n, dropout_p):
+    """Keep mask of the dropout stream for elements [m, n] (m, n: int64 index tensors that
+    broadcast to one 2-D shape): Philox counters (n, m, 0, 0), key = seed, word 0 as tl.rand
+    maps it; kept iff u >= p (p as the fp32 Triton makes of the Python float, the same value
+    torch compares with in engine/reference.py)."""
+    c0 = (n + m * 0).to(tl.uint32)
+    c1 = (m + n * 0).to(tl.uint32)
+    zero = c0 * 0
+    word, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
+    return tl.uint_to_uniform_float(word) >= dropout_p
+
+
+@triton.jit
+def _dropout_scale(scale_hi, scale_lo, ACC: tl.constexpr):
+    """1 / (1 - p) in ACC. Triton passes Python floats as fp32, so the launcher splits the double
+    into hi + lo fp32 values; fp64 data adds both (~48 bits), fp32 data needs only hi."""
+    if ACC == tl.float64:
+        return tl.cast(scale_hi, tl.float64) + tl.cast(scale_lo, tl.float64)
+    else:
+        return scale_hi
+
+
+@triton.jit
+def _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m, n, M, N,
+                 seed, dropout_p, scale,
+                 ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr):
+    """g = grad_out * keep * scale * act'(pre) for the elements [m, n] (m, n: int64 index tensors
+    broadcasting to the tile's shape, [BM, 1] x [1, BN] or, transposed, [1, BM] x [BN, 1]); 0
+    outside [0, M) x [0, N], so padding adds nothing to the products or the bias sums."""
+    valid = (m < M) & (n < N)
+    g = tl.load(DO + m * stride_dom + n * stride_don, mask=valid, other=0.0).to(ACC)
+    if HAS_DROPOUT:
+        g = tl.where(_dropout_keep(seed, m, n, dropout_p), g * scale, 0.0)
+    if ACTIVATION != "none":
+        pre = tl.load(PRE + m * stride_pm + n * stride_pn, mask=valid, other=0.0).to(ACC)
+        g = g * _activation_grad(pre, ACTIVATION)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _linear_fwd_kernel(
+    X, stride_xm, stride_xk,        # [M, K] input
+    W, stride_wn, stride_wk,        # [N, K] weight (nn.Linear layout, any strides)
+    B, stride_b,                    # [N] bias, read when HAS_BIAS
+    R, stride_rm, stride_rn,        # [M, N] residual, read when HAS_RESIDUAL
+    OUT, PRE, KEEP, stride_om,      # [M, N] out, pre-activation (STORE_PRE), uint8 keep mask
+                                    # (STORE_MASK): allocated alike by the launcher, row stride
+                                    # stride_om, unit column stride
+    M, N, K,                        # problem size
+    seed: tl.int64,                 # dropout key (64 bits: low word = k0, high word = k1)
+    dropout_p,                      # dropout probability (fp32), used when HAS_DROPOUT
+    scale_hi, scale_lo,             # 1 / (1 - p) = scale_hi + scale_lo (two fp32 values)
+    ACTIVATION: tl.constexpr,       # "none", "gelu", "gelu_tanh", "relu"
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    STORE_PRE: tl.constexpr, STORE_MASK: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,        # tl.dot operand dtype: x's dtype on GPU, ACC in the interpreter
+    DOT_PRECISION: tl.constexpr,    # "ieee" (only matters for fp32 operands)
+    ACC: tl.constexpr,              # accumulator dtype: fp32, fp64 for fp64 data
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # output tile, K step
+    GROUP: tl.constexpr,            # row tiles per group of the program order
+):
+    pid = tl.program_id(0)
+    pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # [BM] rows of out
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN] columns of out
+    offs_k = tl.arange(0, BLOCK_K)
+    # Rows and columns past the edge read (wrapped) valid rows instead of being masked, which
+    # keeps the loads unmasked along M/N; their results are never stored.
+    rows = offs_m % M
+    cols = offs_n % N
+    x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk   # [BM, BK]
+    w_ptrs = W + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn   # [BK, BN] = W^T tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue on the accumulator tile, in the order of engine/reference.py linear.
+    m2 = offs_m[:, None]
+    n2 = offs_n[None, :]
+    inside = (m2 < M) & (n2 < N)
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n * stride_b, mask=offs_n < N, other=0.0).to(ACC)[None, :]
+    if STORE_PRE:
+        tl.store(PRE + m2 * stride_om + n2, acc.to(PRE.dtype.element_ty), mask=inside)
+    y = _activate(acc, ACTIVATION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, m2, n2, dropout_p)
+        y = tl.where(keep, y * _dropout_scale(scale_hi, scale_lo, ACC), 0.0)
+        if STORE_MASK:
+            tl.store(KEEP + m2 * stride_om + n2, keep.to(tl.uint8), mask=inside)
+    if HAS_RESIDUAL:
+        y += tl.load(R + m2 * stride_rm + n2 * stride_rn, mask=inside, other=0.0).to(ACC)
+    tl.store(OUT + m2 * stride_om + n2, y.to(OUT.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _linear_bwd_dx_kernel(
+    DO, stride_dom, stride_don,     # [M, N] gradient of out
+    PRE, stride_pm, stride_pn,      # [M, N] saved pre-activation, read when ACTIVATION != "none"
+    W, stride_wn, stride_wk,        # [N, K] weight
+    DX, stride_dxm,                 # [M, K] output: gradient of x, unit column stride
+    DB, stride_dbm,                 # [ceil(M / BLOCK_M), N] ACC partial bias gradients (NEED_DB):
+                                    # row i = sum of g over rows [i*BLOCK_M, (i+1)*BLOCK_M)
+    M, N, K,
+    seed: tl.int64, dropout_p, scale_hi, scale_lo,   # the forward's dropout (see the forward)
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    NEED_DB: tl.constexpr,          # programs of the first K tile also write partial bias sums
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,    # dx tile [BLOCK_M, BLOCK_K]
+    BLOCK_N: tl.constexpr,          # step of the reduction over N
+    GROUP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_m, pid_k = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # [BM] rows of dx
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)   # [BK] columns of dx
+    offs_n = tl.arange(0, BLOCK_N)
+    scale = _dropout_scale(scale_hi, scale_lo, ACC)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
+    for start in range(0, N, BLOCK_N):
+        n = start + offs_n
+        g = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, offs_m[:, None],
+                         n[None, :], M, N, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT, ACC)  # [BM, BN]
+        if NEED_DB:
+            if pid_k == 0:
+                tl.store(DB + pid_m.to(tl.int64) * stride_dbm + n, tl.sum(g, axis=0), mask=n < N)
+        # masked along K too: with K == 0 the launcher still runs one K tile for the bias sums
+        w = tl.load(W + n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=(n[:, None] < N) & (offs_k[None, :] < K), other=0.0)                     # [BN, BK]
+        acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+    inside = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(DX.dtype.element_ty), mask=inside)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _linear_bwd_dw_kernel(
+    DO, stride_dom, stride_don,     # [M, N] gradient of out
+    PRE, stride_pm, stride_pn,      # [M, N] saved pre-activation, read when ACTIVATION != "none"
+    X, stride_xm, stride_xk,        # [M, K] input
+    DW, stride_dws, stride_dwn,     # [S, N, K] output, unit column stride: dW itself (S = 1, in
+                                    # the weight's dtype) or S fp32 partials over row ranges
+    M, N, K,
+    rows_per_split,                 # split s reduces rows [s * rows_per_split, (s+1) * rows_per_split)
+    seed: tl.int64, dropout_p, scale_hi, scale_lo,   # the forward's dropout (see the forward)
+    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,    # dW tile [BLOCK_N, BLOCK_K]
+    BLOCK_M: tl.constexpr,          # step of the reduction over M
+    GROUP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1).to(tl.int64)
+    pid_n, pid_k = _tile_coords(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN] rows of dW
+    offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)   # [BK] columns of dW
+    offs_m = tl.arange(0, BLOCK_M)
+    cols_k = offs_k % K
+    scale = _dropout_scale(scale_hi, scale_lo, ACC)
+    first = split * rows_per_split
+    end = tl.minimum(first + rows_per_split, M)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    for start in range(first, end, BLOCK_M):
+        m = start + offs_m
+        # g^T tile [BN, BM]: rows n, columns m (zero for m >= end, so splits do not overlap)
+        g_t = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m[None, :],
+                           offs_n[:, None], end, N, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT, ACC)
+        x = tl.load(X + m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m[:, None] < end,
+                    other=0.0)                                                                    # [BM, BK]
+        acc = tl.dot(g_t.to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+    inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+    tl.store(DW + split * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :],
+             acc.to(DW.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _gelu_fwd_kernel(
+    X,                              # [n] contiguous input
+    Y,                              # [n] contiguous output
+    n,                              # number of elements
+    TANH: tl.constexpr,             # torch's approximate="tanh" form, else the erf form
+    ACC: tl.constexpr,              # fp32, fp64 for fp64 data
+    BLOCK: tl.constexpr,            # elements per program
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    if TANH:
+        y = _activate(x, "gelu_tanh")
+    else:
+        y = _activate(x, "gelu")
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gelu_bwd_kernel(
+    DY,                             # [n] contiguous gradient of y
+    X,                              # [n] contiguous forward input
+    DX,                             # [n] contiguous output: gradient of x
+    n,                              # number of elements
+    TANH: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,   # as in the forward
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(ACC)
+    if TANH:
+        dx = dy * _activation_grad(x, "gelu_tanh")
+    else:
+        dx = dy * _activation_grad(x, "gelu")
+    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configurations
+#
+# One list for every GPU target: a config is compiled for sm80, sm90 and gfx942 alike, and
+# gfx942 gives a block 64 KB of shared memory, so every config's pipelined operand buffers,
+# (BM*BK + BK*BN) * bytes * stages, stay at or below 48 KB. Tensor-core configs keep the M tile a
+# multiple of 64 per 4 warps (a warpgroup), which sm90's wgmma needs.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) in the forward's names: the output tile is
+# [BLOCK_M, BLOCK_N] and BLOCK_K the reduction step. The backward kernels reuse the same shapes
+# with their own output tile ([M, K] for dx, [N, K] for dW) and reduction step.
+_TENSOR_CORE_TILES = (
+    (128, 128, 32, 8, 3),
+    (128, 64, 32, 4, 4),
+    (64, 128, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+)
+_FP32_TILES = (      # ieee fp32: FMA, not tensor cores; operands twice as wide
+    (64, 64, 32, 4, 3),
+    (128, 64, 16, 8, 3),
+)
+_FP64_TILES = (
+    (64, 64, 16, 4, 2),
+)
+_GROUP = 8
+# The single configuration of the interpreter (autotuning needs a GPU): tiles large enough to keep
+# the number of program instances (~1 ms each) small.
+_INTERPRETER_TILE = (64, 64, 128, 4, 1)
+_INTERPRETER_GROUP = 4
+
+
+def _tiles_for(dtype: torch.dtype):
+    if dtype in (torch.float16, torch.bfloat16):
+        return _TENSOR_CORE_TILES
+    return _FP32_TILES if dtype == torch.float32 else _FP64_TILES
+
+
+# Names of each kernel's output-tile and reduction constexprs, in the order of the tile tuples.
+_TILE_NAMES = {
+    "fwd": ("BLOCK_M", "BLOCK_N", "BLOCK_K"),
+    "dx": ("BLOCK_M", "BLOCK_K", "BLOCK_N"),
+    "dw": ("BLOCK_N", "BLOCK_K", "BLOCK_M"),
+}
+
+
+def _config(kind: str, tile, group: int) -> triton.Config:
+    rows, cols, step, warps, stages = tile
+    names = _TILE_NAMES[kind]
+    return triton.Config({names[0]: rows, names[1]: cols, names[2]: step, "GROUP": group},
+                         num_warps=warps, num_stages=stages)
+
+
+def _configs(kind: str) -> list:
+    if INTERPRET:
+        return [_config(kind, _INTERPRETER_TILE, _INTERPRETER_GROUP)]
+    tiles = dict.fromkeys(_TENSOR_CORE_TILES + _FP32_TILES + _FP64_TILES)
+    return [_config(kind, t, _GROUP) for t in tiles]
+
+
+def _prune(kind: str, pointer_name: str, size_names: tuple):
+    """early_config_prune: keep the tiles of the operands' dtype, and drop tiles much larger than
+    the output (a [16, N] product does not need 128-row tiles); at least one config remains."""
+    names = _TILE_NAMES[kind]
+
+    def prune(configs, named_args, **kwargs):
+        dtype = named_args[pointer_name].dtype
+        allowed = {(t[0], t[1], t[2], t[3], t[4]) for t in _tiles_for(dtype)}
+        mine = [c for c in configs
+                if (c.kwargs[names[0]], c.kwargs[names[1]], c.kwargs[names[2]], c.num_warps, c.num_stages)
+                in allowed]
+        rows, cols = (named_args[s] for s in size_names)
+        smallest_rows = min(c.kwargs[names[0]] for c in mine)
+        smallest_cols = min(c.kwargs[names[1]] for c in mine)
+        fitting = [c for c in mine
+                   if c.kwargs[names[0]] <= max(triton.next_power_of_2(rows), smallest_rows)
+                   and c.kwargs[names[1]] <= max(triton.next_power_of_2(cols), smallest_cols)]
+        return fitting or mine
+
+    return prune
+
+
+_EPILOGUE_KEY = ["ACTIVATION", "HAS_BIAS", "HAS_RESIDUAL", "HAS_DROPOUT", "STORE_PRE"]
+_linear_fwd = triton.autotune(
+    configs=_configs("fwd"), key=["M", "N", "K"] + _EPILOGUE_KEY,
+    prune_configs_by={"early_config_prune": _prune("fwd", "X", ("M", "N"))})(_linear_fwd_kernel)
+_linear_bwd_dx = triton.autotune(
+    configs=_configs("dx"), key=["M", "N", "K", "ACTIVATION", "HAS_DROPOUT", "NEED_DB"],
+    prune_configs_by={"early_config_prune": _prune("dx", "W", ("M", "K"))})(_linear_bwd_dx_kernel)
+_linear_bwd_dw = triton.autotune(
+    configs=_configs("dw"), key=["M", "N", "K", "ACTIVATION", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune("dw", "X", ("N", "K"))})(_linear_bwd_dw_kernel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _dot_dtype(dtype: torch.dtype):
+    """tl.dot operand dtype: the data's own on GPU; fp32 (fp64) in the interpreter."""
+    return _acc(dtype) if INTERPRET else _TL[dtype]
+
+
+def _dropout_args(dropout_p: float) -> tuple[float, float, float]:
+    """(p, scale_hi, scale_lo) with scale_hi + scale_lo = 1 / (1 - p) to ~48 bits."""
+    scale = 1.0 / (1.0 - dropout_p)
+    hi = float(np.float32(scale))
+    return float(dropout_p), hi, float(np.float32(scale - hi))
+
+
+def _stride(t: torch.Tensor, dim: int) -> int:
+    """t.stride(dim), 0 for a dim of size 1 (any stride is valid there, and 0 keeps Triton's
+    divisibility specialization meaningful)."""
+    return t.stride(dim) if t.shape[dim] > 1 else 0
+
+
+def supports(x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask) -> Optional[str]:
+    """None when linear_fwd/linear_bwd can run the call (forward's arguments), else why not."""
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
+    if weight.dtype != x.dtype:
+        return f"weight dtype {weight.dtype} differs from input dtype {x.dtype} (tl.dot needs one operand type)"
+    if activation not in ACTIVATIONS:
+        return f"activation {activation!r} is not one of {ACTIVATIONS}"
+    if max(x.shape[0], weight.shape[0]) >= 2**31 or weight.shape[1] >= 2**31:
+        return "a dimension >= 2^31 (program ids and dropout counters are 32-bit)"
+    return None
+
+
+def supports_gelu(x, approximate) -> Optional[str]:
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
+    if approximate not in ("none", "tanh"):
+        return f"approximate {approximate!r} is not 'none' or 'tanh'"
+    return None
+
+
+def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,
+               dropout_p: float, seed: int, residual: Optional[torch.Tensor], return_dropout_mask: bool):
+    """out = dropout(act(x @ weight^T + bias)) + residual in one tiled product with a fused epilogue.
+
+    x [M, K] (unit column stride, any row stride); weight [N, K] (any strides); bias [N] or None;
+    residual [M, N] or None; activation "none", "gelu", "gelu_tanh", "relu"; dropout_p in [0, 1)
+    with its 64-bit seed. Returns (out [M, N] contiguous in x's dtype, pre-activation
+    x @ W^T + b [M, N] in x's dtype when activation != "none" else None, bool keep mask [M, N]
+    when return_dropout_mask and dropout_p > 0 else None)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    has_dropout = dropout_p > 0
+    store_pre = activation != "none"
+    store_mask = has_dropout and return_dropout_mask
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    pre = torch.empty((m, n), dtype=x.dtype, device=x.device) if store_pre else None
+    keep = torch.empty((m, n), dtype=torch.uint8, device=x.device) if store_mask else None
+    if m == 0 or n == 0:
+        return out, pre, (keep.bool() if keep is not None else None)
+    p, scale_hi, scale_lo = _dropout_args(dropout_p if has_dropout else 0.0)
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _linear_fwd[grid](
+        x, _stride(x, 0), _stride(x, 1),
+        weight, _stride(weight, 0), _stride(weight, 1),
+        bias if bias is not None else x, _stride(bias, 0) if bias is not None else 0,
+        residual if residual is not None else x,
+        _stride(residual, 0) if residual is not None else 0, _stride(residual, 1) if residual is not None else 0,
+        out, pre if pre is not None else out, keep if keep is not None else out, n,
+        m, n, k,
+        int(seed), p, scale_hi, scale_lo,
+        ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        HAS_DROPOUT=has_dropout, STORE_PRE=store_pre, STORE_MASK=store_mask,
+        DOT_DTYPE=_dot_dtype(x.dtype), DOT_PRECISION="ieee", ACC=_acc(x.dtype),
+    )
+    return out, pre, (keep.view(torch.bool) if keep is not None else None)
+
+
+def _weight_grad_splits(m: int, n: int, k: int, device: torch.device) -> int:
+    """How many ways the dW reduction over M is split: enough programs to fill the GPU when the
+    [N, K] output has few tiles and M is long; 1 in the interpreter."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(n, 128) * triton.cdiv(k, 128)
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(sms, tiles), m // 1024, 16))
+
+
+def linear_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+               pre_activation: Optional[torch.Tensor], activation: str, dropout_p: float, seed: int,
+               need_weight_grad: bool, need_bias_grad: bool, *, weight_grad_splits: Optional[int] = None):
+    """Gradients of linear_fwd; g = grad_out * keep / (1 - p) * act'(pre) is formed on each loaded
+    tile inside the product kernels (never stored).
+
+    grad_out [M, N] (any strides); x [M, K] (unit column stride); weight [N, K] (any strides);
+    pre_activation [M, N] (needed when activation != "none"). weight_grad_splits: how many row
+    ranges the dW reduction is split into (default: chosen from the GPU's size; for tests).
+    Returns (dx [M, K] contiguous in x's dtype, dweight [N, K] or None, dbias [N] or None, both in
+    the weight's dtype); the residual's gradient is grad_out itself."""
+    m, k = x.shape
+    n = weight.shape[0]
+    dx = torch.empty((m, k), dtype=x.dtype, device=x.device)
+    has_dropout = dropout_p > 0
+    p, scale_hi, scale_lo = _dropout_args(dropout_p if has_dropout else 0.0)
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    act = activation if activation in ACTIVATIONS else "none"
+    pre = pre_activation if act != "none" else grad_out
+    common = dict(ACTIVATION=act, HAS_DROPOUT=has_dropout, DOT_DTYPE=_dot_dtype(x.dtype),
+                  DOT_PRECISION="ieee", ACC=_acc(x.dtype))
+    if m == 0 or n == 0:
+        dx.zero_()
+        dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else None
+        dbias = torch.zeros(n, dtype=weight.dtype, device=x.device) if need_bias_grad else None
+        return dx, dweight, dbias
+
+    # dx = g @ W over [BLOCK_M, BLOCK_K] tiles; the first K tile's programs also sum g over their
+    # rows into one row each of a partial bias buffer. It is sized for the smallest BLOCK_M of any
+    # config; only the rows of the config that ran (the autotuner's best) are summed, since
+    # benchmarking other configs may have written the rest.
+    min_block_m = min(c.kwargs["BLOCK_M"] for c in _linear_bwd_dx.configs)
+    db_partial = (torch.empty((triton.cdiv(m, min_block_m), n), dtype=acc_dtype, device=x.device)
+                  if need_bias_grad else None)
+    def dx_grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * max(1, triton.cdiv(k, meta["BLOCK_K"])),)
+    _linear_bwd_dx[dx_grid](
+        grad_out, _stride(grad_out, 0), _stride(grad_out, 1),
+        pre, _stride(pre, 0), _stride(pre, 1),
+        weight, _stride(weight, 0), _stride(weight, 1),
+        dx, k,
+        db_partial if db_partial is not None else dx, n,
+        m, n, k,
+        int(seed), p, scale_hi, scale_lo,
+        NEED_DB=need_bias_grad, **common,
+    )
+    dbias = None
+    if need_bias_grad:
+        rows = triton.cdiv(m, _linear_bwd_dx.best_config.kwargs["BLOCK_M"])
+        dbias = db_partial[:rows].sum(0).to(weight.dtype)
+
+    dweight = None
+    if need_weight_grad:
+        splits = weight_grad_splits or _weight_grad_splits(m, n, k, x.device)
+        splits = max(1, min(splits, m))
+        rows_per_split = triton.cdiv(m, splits)
+        splits = triton.cdiv(m, rows_per_split)
+        target = (torch.empty((n, k), dtype=weight.dtype, device=x.device) if splits == 1
+                  else torch.empty((splits, n, k), dtype=torch.float32 if acc_dtype == torch.float32 else acc_dtype,
+                                   device=x.device))
+        def dw_grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), splits)
+        if k > 0:
+            _linear_bwd_dw[dw_grid](
+                grad_out, _stride(grad_out, 0), _stride(grad_out, 1),
+                pre, _stride(pre, 0), _stride(pre, 1),
+                x, _stride(x, 0), _stride(x, 1),
+                target, n * k if splits > 1 else 0, k,
+                m, n, k, rows_per_split,
+                int(seed), p, scale_hi, scale_lo,
+                **common,
+            )
+        dweight = target if splits == 1 else target.sum(0).to(weight.dtype)
+    return dx, dweight, dbias
+
+
+def gelu_fwd(x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """GeLU of a contiguous x (any shape): erf form (approximate="none") or tanh form, computed in
+    fp32 (fp64 for fp64 data). Returns y like x (contiguous)."""
+    x = x.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n = x.numel()
+    if n:
+        _gelu_fwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](
+            x, y, n, TANH=approximate == "tanh", ACC=_acc(x.dtype), BLOCK=GELU_BLOCK, num_warps=GELU_WARPS)
+    return y
+
+
+def gelu_bwd(grad_y: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.Tensor:
+    """Gradient of gelu_fwd: grad_y * gelu'(x), grad_y and x of one shape. Returns dx like x."""
+    x = x.contiguous()
+    grad_y = grad_y.contiguous()
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n = x.numel()
+    if n:
+        _gelu_bwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](
+            grad_y, x, dx, n, TANH=approximate == "tanh", ACC=_acc(x.dtype), BLOCK=GELU_BLOCK,
+            num_warps=GELU_WARPS)
+    return dx
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time GPU compile cases (engine/readiness.py)
+
+
+def gpu_compile_cases() -> list[GpuCompileCase]:
+    """Every configuration the launchers compile on a GPU, at a GPT-2 FFN shape (M=4096, K=768,
+    N=3072, every size a multiple of 16 as in real calls):
+    - forward: each autotune config of each dtype with the lightest epilogue (no bias, no
+      activation) and the heaviest (bias + gelu + dropout + residual + pre-activation + mask
+      stores); plus, at the first config of each dtype, each other activation with bias;
+    - backward dx and dW: each config of each dtype with gelu + dropout (+ bias partials for dx),
+      and at the first config the plain variant (no activation, no dropout);
+    - gelu forward/backward, erf and tanh forms.
+    fp16/bf16 products must use tensor cores."""
+    m, k, n = 4096, 768, 3072
+    cases = []
+    for dtype in DTYPES:
+        dname = str(dtype).removeprefix("torch.")
+        acc = _acc(dtype)
+        tc = dtype in (torch.float16, torch.bfloat16)
+        flt = torch.float64 if dtype == torch.float64 else torch.float32
+        for i, tile in enumerate(_tiles_for(dtype)):
+            warps, stages = tile[3], tile[4]
+            fwd = _config("fwd", tile, _GROUP).kwargs
+            dx = _config("dx", tile, _GROUP).kwargs
+            dw = _config("dw", tile, _GROUP).kwargs
+            tag = "x".join(map(str, tile[:3])) + f" w{warps} s{stages}"
+            fwd_variants = {"plain": ("none", False, False, False),
+                            "bias+gelu+dropout+residual": ("gelu", True, True, True)}
+            if i == 0:
+                fwd_variants.update({f"bias+{a}": (a, True, False, False) for a in ("gelu_tanh", "relu")})
+            for vname, (act, bias, dropout, residual) in fwd_variants.items():
+                cases.append(GpuCompileCase(
+                    name=f"linear_fwd {dname} {tag} {vname}",
+                    kernel=_linear_fwd_kernel,
+                    args=(dtype, k, 1, dtype, k, 1, dtype, 1, dtype, n, 1, dtype, dtype, torch.uint8, n,
+                          m, n, k, 2**40 + 12345, 0.1, 1.1111111, 1e-9),
+                    constexprs=dict(ACTIVATION=act, HAS_BIAS=bias, HAS_RESIDUAL=residual, HAS_DROPOUT=dropout,
+                                    STORE_PRE=act != "none", STORE_MASK=dropout, DOT_DTYPE=_TL[dtype],
+                                    DOT_PRECISION="ieee", ACC=acc, **fwd),
+                    grid=(triton.cdiv(m, fwd["BLOCK_M"]) * triton.cdiv(n, fwd["BLOCK_N"]),),
+                    num_warps=warps, num_stages=stages, expects_tensor_cores=tc))
+            bwd_variants = {"gelu+dropout": ("gelu", True)}
+            if i == 0:
+                bwd_variants["plain"] = ("none", False)
+            for vname, (act, dropout) in bwd_variants.items():
+                cases.append(GpuCompileCase(
+                    name=f"linear_bwd_dx {dname} {tag} {vname}{'+bias' if act != 'none' else ''}",
+                    kernel=_linear_bwd_dx_kernel,
+                    args=(dtype, n, 1, dtype, n, 1, dtype, k, 1, dtype, k, flt, n,
+                          m, n, k, 2**40 + 12345, 0.1, 1.1111111, 1e-9),
+                    constexprs=dict(ACTIVATION=act, HAS_DROPOUT=dropout, NEED_DB=act != "none",
+                                    DOT_DTYPE=_TL[dtype], DOT_PRECISION="ieee", ACC=acc, **dx),
+                    grid=(triton.cdiv(m, dx["BLOCK_M"]) * triton.cdiv(k, dx["BLOCK_K"]),),
+                    num_warps=warps, num_stages=stages, expects_tensor_cores=tc))
+                cases.append(GpuCompileCase(
+                    name=f"linear_bwd_dw {dname} {tag} {vname}",
+                    kernel=_linear_bwd_dw_kernel,
+                    args=(dtype, n, 1, dtype, n, 1, dtype, k, 1, dtype, 0, k,
+                          m, n, k, m, 2**40 + 12345, 0.1, 1.1111111, 1e-9),
+                    constexprs=dict(ACTIVATION=act, HAS_DROPOUT=dropout, DOT_DTYPE=_TL[dtype],
+                                    DOT_PRECISION="ieee", ACC=acc, **dw),
+                    grid=(triton.cdiv(n, dw["BLOCK_N"]) * triton.cdiv(k, dw["BLOCK_K"]), 1),
+                    num_warps=warps, num_stages=stages, expects_tensor_cores=tc))
+        for tanh in (False, True):
+            form = "tanh" if tanh else "erf"
+            cases.append(GpuCompileCase(
+                name=f"gelu_fwd {dname} {form}", kernel=_gelu_fwd_kernel, args=(dtype, dtype, m * n),
+                constexprs=dict(TANH=tanh, ACC=acc, BLOCK=GELU_BLOCK), grid=(triton.cdiv(m * n, GELU_BLOCK),),
+                num_warps=GELU_WARPS))
+            cases.append(GpuCompileCase(
+                name=f"gelu_bwd {dname} {form}", kernel=_gelu_bwd_kernel, args=(dtype, dtype, dtype, m * n),
+                constexprs=dict(TANH=tanh, ACC=acc, BLOCK=GELU_BLOCK), grid=(triton.cdiv(m * n, GELU_BLOCK),),
+                num_warps=GELU_WARPS))
+    return cases
