@@ -6,5 +6,6 @@
     engine.backends.available()           # which backends work here, and why not
 """
 from engine import backends, functional, nn, ops  # noqa: F401  (ops registers the implementations)
+from engine.optimize import optimize  # noqa: E402
 
-__all__ = ["backends", "functional", "nn"]
+__all__ = ["backends", "functional", "nn", "optimize"]
