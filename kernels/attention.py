@@ -87,21 +87,23 @@ def _mul_split(x, hi, lo, FP64: tl.constexpr):
 
 
 @triton.jit
+def _keep_scale(dropout_p, dropout_p_lo, FP64: tl.constexpr):
+    """1 / (1 - p), the factor of kept probabilities, in ACC (p = dropout_p + dropout_p_lo for
+    fp64, whose tail an fp32 argument cannot carry)."""
+    if FP64:
+        r = 1.0 / (1.0 - (tl.cast(dropout_p, tl.float64) + tl.cast(dropout_p_lo, tl.float64)))
+    else:
+        r = 1.0 / (1.0 - dropout_p)
+    return r
+
+
+@triton.jit
 def _exp_base(x, FP64: tl.constexpr):
     """e^x for fp64 (scores in natural units), 2^x otherwise (scores in log2 units)."""
     if FP64:
         y = tl.exp(x)
     else:
         y = tl.exp2(x)
-    return y
-
-
-@triton.jit
-def _log_base(x, FP64: tl.constexpr):
-    if FP64:
-        y = tl.log(x)
-    else:
-        y = tl.log2(x)
     return y
 
 
@@ -119,10 +121,9 @@ def _keep_mask(seed, rows, cols, plane, dropout_p):
 
 @triton.jit
 def _score_mask(s, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_ok,
-                TRANSPOSED: tl.constexpr, MASK_KIND: tl.constexpr, DIAGONAL: tl.constexpr,
-                ACC: tl.constexpr, FP64: tl.constexpr):
-    """Scores s with everything invisible set to -inf: keys past Sk, j > i on a diagonal block,
-    the bool mask; a float mask is added (in the scores' units). s is [M, N] (rows = queries) or,
+                TRANSPOSED: tl.constexpr, MASK_KIND: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr):
+    """Scores s with everything invisible set to -inf: keys past Sk and the bool mask; a float
+    mask is added (in the scores' units). Causality is the caller's (diagonal blocks only). s is [M, N] (rows = queries) or,
     TRANSPOSED, [N, M] (rows = keys, as in the dK/dV kernel). offs_m/offs_n: int32 query/key
     indices [M]/[N], row_ok/col_ok: their bounds. The mask is read through its strides (0 on
     broadcast dims), never expanded."""
@@ -136,8 +137,6 @@ def _score_mask(s, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_
         kj = offs_n[None, :]
         inside = row_ok[:, None] & col_ok[None, :]
         visible = col_ok[None, :]
-    if DIAGONAL:
-        visible = visible & (kj <= qi)
     if MASK_KIND == 1:
         bits = tl.load(Mask_head + qi * stride_mq + kj * stride_mk, mask=inside, other=0)
         visible = visible & (bits != 0)
@@ -158,13 +157,16 @@ def _score_mask(s, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_
 def _fwd_blocks(acc, l_i, m_i, q,
                 K_head, V_head, Mask_head, Keep_head,
                 stride_ks, stride_vs, stride_mq, stride_mk,
-                offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, lo, hi,
+                offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, lo, hi, diag_from,
                 scale_hi, scale_lo, qk_scale, dropout_p, seed, plane,
-                DIAGONAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                 RETURN_KEEP: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
                 DOT_IEEE: tl.constexpr, FP64: tl.constexpr, INTERPRET: tl.constexpr):
     """Online softmax of one query block over key blocks [lo, hi). acc [M, DV], l_i, m_i [M]
-    (running output, sum and max, in ACC), q [M, BLOCK_D]."""
+    (running output, sum and max, in ACC), q [M, BLOCK_D]. CAUSAL: blocks from diag_from on
+    are crossed by the diagonal and apply j <= i (a uniform branch per block; one loop rather
+    than two keeps the scalar registers of the Philox keys and pointers from being doubled,
+    which spilled SGPRs on gfx942)."""
     row_ok = offs_m < Sq
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -177,7 +179,10 @@ def _fwd_blocks(acc, l_i, m_i, q,
         else:
             s = s * qk_scale
         s = _score_mask(s, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_ok,
-                        False, MASK_KIND, DIAGONAL, ACC, FP64)
+                        False, MASK_KIND, ACC, FP64)
+        if CAUSAL:
+            if start_n >= diag_from:
+                s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing visible yet keeps max -inf; subtracting 0 instead gives exp(-inf) = 0
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -203,20 +208,19 @@ def _attn_fwd_kernel(
     K,                          # [B, Hk, Sk, D] keys, unit stride in D
     V,                          # [B, Hk, Sk, Dv] values, unit stride in Dv
     Mask,                       # [B, Hq, Sq, Sk] view, int8 (bool) or float, read when MASK_KIND > 0
-    Out,                        # [B, Hq, Sq, Dv] output, unit stride in Dv
+    Out,                        # [B, Hq, Sq, Dv] contiguous output
     Lse,                        # [B, Hq, Sq] contiguous ACC output: natural log-sum-exp per row
     Keep,                       # [B, Hq, Sq, Sk] contiguous int8 (bool) keep mask, written when RETURN_KEEP
     stride_qb, stride_qh, stride_qs,
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_mh, stride_mq, stride_mk,   # 0 on the mask's broadcast dims
-    stride_ob, stride_oh, stride_os,
     Hq,                         # query heads
     group,                      # Hq // Hk: query head h reads kv head h // group
     Sq, Sk, D, Dv,
     scale_hi, scale_lo,         # the softmax scale split into fp32 head + tail (tail used for fp64)
-    dropout_p,                  # probability of dropping, fp32
-    keep_scale_hi, keep_scale_lo,  # 1 / (1 - dropout_p), split like the scale
+    dropout_p,                  # probability of dropping, fp32 (what u >= p compares with)
+    dropout_p_lo,               # dropout_p's tail for fp64's 1 / (1 - p)
     seed,                       # Philox key (int64)
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, RETURN_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -249,8 +253,9 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
     if CAUSAL:
-        # rows [start_m, start_m + BLOCK_M) see keys j <= i: none at or past start_m + BLOCK_M;
-        # key blocks before the one holding start_m are entirely visible.
+        # rows [start_m, start_m + BLOCK_M) see keys j <= i: key blocks at or past
+        # start_m + BLOCK_M are never visited; those before the block holding key start_m are
+        # entirely visible; the ones in between [mid, hi) are crossed by the diagonal.
         hi = tl.minimum(Sk, start_m + BLOCK_M)
         mid = tl.minimum((start_m // BLOCK_N) * BLOCK_N, hi)
     else:
@@ -258,17 +263,11 @@ def _attn_fwd_kernel(
         mid = Sk
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, Mask_head, Keep_head,
                                 stride_ks, stride_vs, stride_mq, stride_mk,
-                                offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, 0, mid,
+                                offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, 0, hi, mid,
                                 scale_hi, scale_lo, qk_scale, dropout_p, seed, bh,
-                                False, MASK_KIND, DROPOUT, RETURN_KEEP, BLOCK_N, ACC, DOT_IEEE, FP64,
+                                CAUSAL, MASK_KIND, DROPOUT, RETURN_KEEP, BLOCK_N, ACC, DOT_IEEE, FP64,
                                 INTERPRET)
     if CAUSAL:
-        acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, Mask_head, Keep_head,
-                                    stride_ks, stride_vs, stride_mq, stride_mk,
-                                    offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, mid, hi,
-                                    scale_hi, scale_lo, qk_scale, dropout_p, seed, bh,
-                                    True, MASK_KIND, DROPOUT, RETURN_KEEP, BLOCK_N, ACC, DOT_IEEE, FP64,
-                                    INTERPRET)
         if RETURN_KEEP:
             # debug path: the keep mask is defined for every (i, j), also where causality
             # skipped the work, so tests can compare it with the reference bit for bit
@@ -280,15 +279,16 @@ def _attn_fwd_kernel(
 
     # rows with no visible key: l = 0, m = -inf -> out 0, lse -inf
     empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
     if DROPOUT:
-        out = _mul_split(out, keep_scale_hi, keep_scale_lo, FP64)
+        out = out * _keep_scale(dropout_p, dropout_p_lo, FP64)
     if FP64:
-        lse = m_i + tl.log(l_i)
+        lse = m_i + tl.log(l_safe)
     else:
-        lse = (m_i + tl.log2(l_i)) * _LN2
+        lse = (m_i + tl.log2(l_safe)) * _LN2
     lse = tl.where(empty, float("-inf"), lse)
-    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :],
+    tl.store(Out + bh * Sq * Dv + offs_m[:, None] * Dv + offs_dv[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
     tl.store(Lse + bh * Sq + offs_m, lse, mask=row_ok)
 
@@ -325,14 +325,15 @@ def _attn_bwd_preprocess_kernel(
 def _bwd_dkdv_blocks(dk, dv, k, v,
                      Q_head, DO_head, Lse_row, Delta_row, Mask_head,
                      stride_qs, stride_dos, stride_mq, stride_mk,
-                     offs_n, offs_d, offs_dv, Sq, Sk, D, Dv, lo, hi,
-                     scale_hi, scale_lo, qk_scale, dropout_p, keep_scale_hi, keep_scale_lo, seed, plane,
-                     DIAGONAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                     offs_n, offs_d, offs_dv, Sq, Sk, D, Dv, lo, hi, diag_to,
+                     scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, plane,
+                     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, ACC: tl.constexpr, DOT_IEEE: tl.constexpr,
                      FP64: tl.constexpr, INTERPRET: tl.constexpr):
     """dK, dV [N, BLOCK_D/DV] (ACC) of one key block, accumulated over query blocks [lo, hi) of
     one query head. k [N, BLOCK_D], v [N, BLOCK_DV] in the input dtype. Works on transposed
-    tiles (rows = keys) so that dK and dV come out as [N, D] products."""
+    tiles (rows = keys) so that dK and dV come out as [N, D] products. CAUSAL: query blocks
+    before diag_to are crossed by the diagonal and apply j <= i."""
     col_ok = offs_n < Sk
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -345,7 +346,10 @@ def _bwd_dkdv_blocks(dk, dv, k, v,
         else:
             sT = sT * qk_scale
         sT = _score_mask(sT, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_ok,
-                         True, MASK_KIND, DIAGONAL, ACC, FP64)
+                         True, MASK_KIND, ACC, FP64)
+        if CAUSAL:
+            if start_m < diag_to:
+                sT = tl.where(offs_n[:, None] <= offs_m[None, :], sT, float("-inf"))
         lse = tl.load(Lse_row + offs_m, mask=row_ok, other=float("-inf"))
         if not FP64:
             lse = lse * _LOG2E
@@ -357,8 +361,8 @@ def _bwd_dkdv_blocks(dk, dv, k, v,
         dpT = _mm(v, tl.trans(do), ACC, DOT_IEEE, INTERPRET)                         # [N, M]
         if DROPOUT:
             keepT = _keep_mask(seed, offs_m[None, :], offs_n[:, None], plane, dropout_p)
-            pdT = tl.where(keepT, _mul_split(pT, keep_scale_hi, keep_scale_lo, FP64), 0.0)
-            dpT = tl.where(keepT, _mul_split(dpT, keep_scale_hi, keep_scale_lo, FP64), 0.0)
+            pdT = tl.where(keepT, pT * keep_scale, 0.0)
+            dpT = tl.where(keepT, dpT * keep_scale, 0.0)
         else:
             pdT = pT
         dv += _mm(pdT.to(do.dtype), do, ACC, DOT_IEEE, INTERPRET)
@@ -385,7 +389,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dos,
     stride_mb, stride_mh, stride_mq, stride_mk,
     Hq, Hk, group, Sq, Sk, D, Dv,
-    scale_hi, scale_lo, dropout_p, keep_scale_hi, keep_scale_lo, seed,   # as in the forward
+    scale_hi, scale_lo, dropout_p, dropout_p_lo, seed,   # as in the forward
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows per step
     BLOCK_N: tl.constexpr,      # keys of this program
@@ -408,33 +412,26 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
     qk_scale = scale_hi * _LOG2E
+    keep_scale = _keep_scale(dropout_p, dropout_p_lo, FP64)
     if CAUSAL:
-        # queries i >= start_n see this block; query blocks from the first multiple of BLOCK_M
-        # at or past start_n + BLOCK_N see all of it
+        # only queries i >= start_n see this block: query blocks before the one holding row
+        # start_n are never visited; those from the first multiple of BLOCK_M at or past
+        # start_n + BLOCK_N see all of it; the ones in between [lo, mid) are crossed by the diagonal
         lo = (start_n // BLOCK_M) * BLOCK_M
-        mid = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, Sq)
+        mid = tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M
     else:
         lo = 0
         mid = 0
     for g in range(0, group):
         h = hk * group + g
         bh = b * Hq + h
-        Q_head = Q + b * stride_qb + h * stride_qh
-        DO_head = DO + b * stride_dob + h * stride_doh
-        Mask_head = Mask + b * stride_mb + h * stride_mh
-        if CAUSAL:
-            dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse + bh * Sq, Delta + bh * Sq, Mask_head,
-                                      stride_qs, stride_dos, stride_mq, stride_mk,
-                                      offs_n, offs_d, offs_dv, Sq, Sk, D, Dv, lo, mid,
-                                      scale_hi, scale_lo, qk_scale, dropout_p, keep_scale_hi, keep_scale_lo,
-                                      seed, bh, True, MASK_KIND, DROPOUT, BLOCK_M, ACC, DOT_IEEE, FP64,
-                                      INTERPRET)
-        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Q_head, DO_head, Lse + bh * Sq, Delta + bh * Sq, Mask_head,
+        dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
+                                  DO + b * stride_dob + h * stride_doh, Lse + bh * Sq, Delta + bh * Sq,
+                                  Mask + b * stride_mb + h * stride_mh,
                                   stride_qs, stride_dos, stride_mq, stride_mk,
-                                  offs_n, offs_d, offs_dv, Sq, Sk, D, Dv, mid, Sq,
-                                  scale_hi, scale_lo, qk_scale, dropout_p, keep_scale_hi, keep_scale_lo,
-                                  seed, bh, False, MASK_KIND, DROPOUT, BLOCK_M, ACC, DOT_IEEE, FP64,
-                                  INTERPRET)
+                                  offs_n, offs_d, offs_dv, Sq, Sk, D, Dv, lo, Sq, mid,
+                                  scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, bh,
+                                  CAUSAL, MASK_KIND, DROPOUT, BLOCK_M, ACC, DOT_IEEE, FP64, INTERPRET)
     dk = _mul_split(dk, scale_hi, scale_lo, FP64)
     tl.store(DK + bhk * Sk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
              mask=col_ok[:, None] & (offs_d[None, :] < D))
@@ -446,14 +443,14 @@ def _attn_bwd_dkdv_kernel(
 def _bwd_dq_blocks(dq, q, do, lse, delta,
                    K_head, V_head, Mask_head,
                    stride_ks, stride_vs, stride_mq, stride_mk,
-                   offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, lo, hi,
-                   scale_hi, scale_lo, qk_scale, dropout_p, keep_scale_hi, keep_scale_lo, seed, plane,
-                   DIAGONAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                   offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, lo, hi, diag_from,
+                   scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, plane,
+                   CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT_IEEE: tl.constexpr,
                    FP64: tl.constexpr, INTERPRET: tl.constexpr):
     """dQ [M, BLOCK_D] (ACC, before the final * scale) of one query block over key blocks
     [lo, hi). q [M, BLOCK_D], do [M, BLOCK_DV]; lse [M] in the scores' units with +inf for rows
-    whose P is 0; delta [M]."""
+    whose P is 0; delta [M]. CAUSAL: key blocks from diag_from on apply j <= i."""
     row_ok = offs_m < Sq
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -468,12 +465,15 @@ def _bwd_dq_blocks(dq, q, do, lse, delta,
         else:
             s = s * qk_scale
         s = _score_mask(s, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_ok,
-                        False, MASK_KIND, DIAGONAL, ACC, FP64)
+                        False, MASK_KIND, ACC, FP64)
+        if CAUSAL:
+            if start_n >= diag_from:
+                s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
         p = _exp_base(s - lse[:, None], FP64)
         dp = _mm(do, vT, ACC, DOT_IEEE, INTERPRET)                                   # [M, N]
         if DROPOUT:
             keep = _keep_mask(seed, offs_m[:, None], offs_n[None, :], plane, dropout_p)
-            dp = tl.where(keep, _mul_split(dp, keep_scale_hi, keep_scale_lo, FP64), 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(kT.dtype), tl.trans(kT), ACC, DOT_IEEE, INTERPRET)
     return dq
@@ -495,7 +495,7 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dos,
     stride_mb, stride_mh, stride_mq, stride_mk,
     Hq, group, Sq, Sk, D, Dv,
-    scale_hi, scale_lo, dropout_p, keep_scale_hi, keep_scale_lo, seed,   # as in the forward
+    scale_hi, scale_lo, dropout_p, dropout_p_lo, seed,   # as in the forward
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows of this program
     BLOCK_N: tl.constexpr,      # keys per step
@@ -525,7 +525,8 @@ def _attn_bwd_dq_kernel(
     V_head = V + b * stride_vb + hk * stride_vh
     Mask_head = Mask + b * stride_mb + h * stride_mh
     qk_scale = scale_hi * _LOG2E
-    if CAUSAL:
+    keep_scale = _keep_scale(dropout_p, dropout_p_lo, FP64)
+    if CAUSAL:   # as in the forward: blocks [mid, hi) are crossed by the diagonal
         hi = tl.minimum(Sk, start_m + BLOCK_M)
         mid = tl.minimum((start_m // BLOCK_N) * BLOCK_N, hi)
     else:
@@ -534,15 +535,9 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     dq = _bwd_dq_blocks(dq, q, do, lse, delta, K_head, V_head, Mask_head,
                         stride_ks, stride_vs, stride_mq, stride_mk,
-                        offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, 0, mid,
-                        scale_hi, scale_lo, qk_scale, dropout_p, keep_scale_hi, keep_scale_lo, seed, bh,
-                        False, MASK_KIND, DROPOUT, BLOCK_N, ACC, DOT_IEEE, FP64, INTERPRET)
-    if CAUSAL:
-        dq = _bwd_dq_blocks(dq, q, do, lse, delta, K_head, V_head, Mask_head,
-                            stride_ks, stride_vs, stride_mq, stride_mk,
-                            offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, mid, hi,
-                            scale_hi, scale_lo, qk_scale, dropout_p, keep_scale_hi, keep_scale_lo, seed, bh,
-                            True, MASK_KIND, DROPOUT, BLOCK_N, ACC, DOT_IEEE, FP64, INTERPRET)
+                        offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, 0, hi, mid,
+                        scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, bh,
+                        CAUSAL, MASK_KIND, DROPOUT, BLOCK_N, ACC, DOT_IEEE, FP64, INTERPRET)
     dq = _mul_split(dq, scale_hi, scale_lo, FP64)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & (offs_d[None, :] < D))
@@ -635,11 +630,12 @@ def _attn_decode_split_kernel(
         m_i = m_new
 
     empty = l_i == 0.0                            # no visible key in this split (or none at all)
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
     if FP64:
-        lse = m_i + tl.log(l_i)
+        lse = m_i + tl.log(l_safe)
     else:
-        lse = (m_i + tl.log2(l_i)) * _LN2
+        lse = (m_i + tl.log2(l_safe)) * _LN2
     lse = tl.where(empty, float("-inf"), lse)
     row = ((b * Hq + h) * Sq + i) * splits + split                                  # [M] int64
     tl.store(OPart + row[:, None] * Dv + offs_dv[None, :], out,
@@ -669,9 +665,10 @@ def _attn_decode_combine_kernel(
     total = tl.sum(weight, 0)
     part = tl.load(OPart + (row * splits + offs_s[:, None]) * Dv + offs_dv[None, :],
                    mask=split_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)
-    out = tl.sum(part * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
+    total_safe = tl.where(total == 0.0, 1.0, total)
+    out = tl.sum(part * weight[:, None], 0) / total_safe
     tl.store(Out + row * Dv + offs_dv, out.to(Out.dtype.element_ty), mask=offs_dv < Dv)
-    tl.store(Lse + row, tl.where(total == 0.0, float("-inf"), top + tl.log(total)))
+    tl.store(Lse + row, tl.where(total == 0.0, float("-inf"), top + tl.log(total_safe)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -693,15 +690,22 @@ def _is_16bit(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
-def fwd_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+def fwd_candidates(block_d: int, dtype: torch.dtype, dropout: bool) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the forward may use on a GPU. block_d: the larger
-    of the padded head dims of q/k and v."""
+    of the padded head dims of q/k and v. Dropout's Philox state (4 words per score) needs
+    smaller tiles per thread than the plain kernel."""
     if _is_16bit(dtype):
+        if not dropout:
+            if block_d <= 64:
+                return [(128, 64, 4, 3), (64, 64, 4, 3)]
+            if block_d <= 128:
+                return [(128, 64, 8, 3), (64, 64, 4, 3)]
+            return [(64, 32, 4, 2), (128, 32, 8, 2)]
         if block_d <= 64:
-            return [(128, 64, 4, 3), (64, 64, 4, 3)]
+            return [(128, 64, 8, 3), (64, 32, 4, 3)]
         if block_d <= 128:
-            return [(128, 64, 8, 3), (64, 64, 4, 3)]
-        return [(64, 32, 4, 2), (128, 32, 8, 2)]
+            return [(128, 64, 8, 2), (64, 32, 4, 2)]
+        return [(64, 32, 4, 2)]
     if dtype == torch.float32:
         if block_d <= 64:
             return [(64, 32, 4, 2), (32, 32, 4, 2)]
@@ -711,7 +715,7 @@ def fwd_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int
     return [(32, 16, 4, 1)] if block_d <= 64 else [(16, 16, 4, 1)]     # fp64
 
 
-def dkdv_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+def dkdv_candidates(block_d: int, dtype: torch.dtype, dropout: bool) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M query step, BLOCK_N keys held, num_warps, num_stages) for the dK/dV kernel."""
     if _is_16bit(dtype):
         if block_d <= 64:
@@ -724,7 +728,7 @@ def dkdv_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, in
     return [(16, 16, 4, 1)]
 
 
-def dq_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+def dq_candidates(block_d: int, dtype: torch.dtype, dropout: bool) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M query rows held, BLOCK_N key step, num_warps, num_stages) for the dQ kernel."""
     if _is_16bit(dtype):
         if block_d <= 64:
@@ -735,6 +739,11 @@ def dq_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int,
     if dtype == torch.float32:
         return [(32, 32, 4, 2)] if block_d <= 64 else [(32, 16, 4, 2)]
     return [(16, 16, 4, 1)]
+
+
+def keep_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """The forward's debug path (dropout mask returned): one config, the last dropout one."""
+    return fwd_candidates(block_d, dtype, True)[-1:]
 
 
 def decode_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
@@ -756,20 +765,28 @@ def _configs(candidates, interpret_config) -> list:
     seen = []
     for dtype in (torch.float16, torch.float32, torch.float64):
         for block_d in (16, 32, 64, 128, 256):
-            seen += [c for c in candidates(block_d, dtype) if c not in seen]
+            for dropout in (False, True):
+                seen += [c for c in candidates(block_d, dtype, dropout) if c not in seen]
     return [config(c) for c in seen]
 
 
 def _pruner(candidates):
     def prune(configs, named_args, **kwargs):
-        wanted = candidates(max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"]), named_args["Q"].dtype)
+        block_d = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+        dtype = named_args["Q"].dtype
+        if kwargs.get("RETURN_KEEP", False):
+            wanted = keep_candidates(block_d, dtype)
+        else:
+            wanted = candidates(block_d, dtype, kwargs["DROPOUT"])
         return [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
     return {"early_config_prune": prune}
 
 
-_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "CAUSAL"]
-_attn_fwd = triton.autotune(_configs(fwd_candidates, _INTERPRET_FWD), key=_TUNE_KEY,
+# triton.autotune adds the dtypes of every tensor argument to this key
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "DROPOUT"]
+_FWD_TUNE_KEY = _TUNE_KEY + ["RETURN_KEEP"]
+_attn_fwd = triton.autotune(_configs(fwd_candidates, _INTERPRET_FWD), key=_FWD_TUNE_KEY,
                             prune_configs_by=_pruner(fwd_candidates))(_attn_fwd_kernel)
 _attn_bwd_dkdv = triton.autotune(_configs(dkdv_candidates, _INTERPRET_DKDV), key=_TUNE_KEY,
                                  prune_configs_by=_pruner(dkdv_candidates))(_attn_bwd_dkdv_kernel)
@@ -842,13 +859,13 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
         return out, lse, keep
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
     scale_hi, scale_lo = _split(scale)
-    keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p))
+    p_hi, p_lo = _split(dropout_p)
     block_d, block_dv = _head_block(d), _head_block(dv)
     _attn_fwd[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
         q, k, v, mask_arg, out, lse, keep.view(torch.int8) if return_keep else lse,
-        *_stride3(q), *_stride3(k), *_stride3(v), *mask_strides, *_stride3(out),
+        *_stride3(q), *_stride3(k), *_stride3(v), *mask_strides,
         hq, hq // hk, sq, sk, d, dv,
-        scale_hi, scale_lo, dropout_p, keep_hi, keep_lo, _seed(seed),
+        scale_hi, scale_lo, p_hi, p_lo, _seed(seed),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout, RETURN_KEEP=return_keep,
         BLOCK_D=block_d, BLOCK_DV=block_dv, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET,
     )
@@ -880,11 +897,11 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
             BLOCK_M=block_m, BLOCK_DV=block_dv, ACC=acc_tl, num_warps=4)
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
     scale_hi, scale_lo = _split(scale)
-    keep_hi, keep_lo = _split(1.0 / (1.0 - dropout_p))
+    p_hi, p_lo = _split(dropout_p)
     common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
                   BLOCK_D=block_d, BLOCK_DV=block_dv, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
                   INTERPRET=INTERPRET)
-    scalars = (scale_hi, scale_lo, dropout_p, keep_hi, keep_lo, _seed(seed))
+    scalars = (scale_hi, scale_lo, p_hi, p_lo, _seed(seed))
     if b * hk * sk > 0:
         _attn_bwd_dkdv[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hk)](
             q, k, v, grad_out, lse, delta, mask_arg, dk, dv,
@@ -1057,29 +1074,30 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
             mstr = (0, 0, s, 1) if mask_kind else (0, 0, 0, 0)
             flags = dict(CAUSAL=causal, MASK_KIND=mask_kind, DROPOUT=dropout, BLOCK_D=block_d,
                          BLOCK_DV=block_d, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=False)
-            scalars = (0.125, 0.0, 0.1 if dropout else 0.0, 1.0 / 0.9, 0.0, seed if dropout else 0)
-            for bm, bn, warps, stages in fwd_candidates(block_d, dtype):
-                for return_keep in ([False, True] if dropout else [False]):
-                    cases.append(GpuCompileCase(
-                        name=f"attention_fwd {dname} D={d} {vname}{' keep' if return_keep else ''} "
-                             f"M={bm} N={bn} w={warps} s={stages}",
-                        kernel=_attn_fwd_kernel,
-                        args=(dtype, dtype, dtype, mdt, dtype, torch.float32, torch.int8,
-                              *strides_q, *strides_q, *strides_q, *mstr, *strides_q,
-                              h, 1, s, s, d, d, *scalars),
-                        constexprs=dict(flags, RETURN_KEEP=return_keep, BLOCK_M=bm, BLOCK_N=bn),
-                        grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
-                        expects_tensor_cores=tc))
+            scalars = (0.125, 0.0, 0.1 if dropout else 0.0, 0.0, seed if dropout else 0)
+            fwd_plan = [(c, False) for c in fwd_candidates(block_d, dtype, dropout)]
+            fwd_plan += [(c, True) for c in keep_candidates(block_d, dtype)] if dropout else []
+            for (bm, bn, warps, stages), return_keep in fwd_plan:
+                cases.append(GpuCompileCase(
+                    name=f"attention_fwd {dname} D={d} {vname}{' keep' if return_keep else ''} "
+                         f"M={bm} N={bn} w={warps} s={stages}",
+                    kernel=_attn_fwd_kernel,
+                    args=(dtype, dtype, dtype, mdt, dtype, torch.float32, torch.int8,
+                          *strides_q, *strides_q, *strides_q, *mstr,
+                          h, 1, s, s, d, d, *scalars),
+                    constexprs=dict(flags, RETURN_KEEP=return_keep, BLOCK_M=bm, BLOCK_N=bn),
+                    grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
+                    expects_tensor_cores=tc))
             bwd_args = (dtype, dtype, dtype, dtype, torch.float32, torch.float32, mdt)
             strides4 = (*strides_q, *strides_q, *strides_q, *strides_q, *mstr)
-            for bm, bn, warps, stages in dkdv_candidates(block_d, dtype):
+            for bm, bn, warps, stages in dkdv_candidates(block_d, dtype, dropout):
                 cases.append(GpuCompileCase(
                     name=f"attention_bwd_dkdv {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
                     kernel=_attn_bwd_dkdv_kernel,
                     args=(*bwd_args, dtype, dtype, *strides4, h, h, 1, s, s, d, d, *scalars),
                     constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
                     grid=(s // bn, 8 * h), num_warps=warps, num_stages=stages, expects_tensor_cores=tc))
-            for bm, bn, warps, stages in dq_candidates(block_d, dtype):
+            for bm, bn, warps, stages in dq_candidates(block_d, dtype, dropout):
                 cases.append(GpuCompileCase(
                     name=f"attention_bwd_dq {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
                     kernel=_attn_bwd_dq_kernel,
