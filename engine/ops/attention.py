@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+import kernels.attention as triton_kernels
 from engine import backends, reference
 
 OP = "attention"
@@ -75,6 +76,8 @@ def _reference_decode(q, k_cache, v_cache, cache_seqlens, mask, scale):
 
 backends.register(OP, "reference", _reference_forward, _reference_backward)
 backends.register(DECODE_OP, "reference", _reference_decode)
+backends.register(OP, "triton", triton_kernels.attention_fwd, triton_kernels.attention_bwd, triton_kernels.supports)
+backends.register(DECODE_OP, "triton", triton_kernels.attention_decode, None, triton_kernels.supports_decode)
 # (triton, cpu and cuda register here as their kernels land)
 
 
