@@ -1,4 +1,6 @@
 """Models built from one config dataclass each, on engine.functional / engine.nn."""
 from engine.models.bert import BERT, BertConfig
+from engine.models.generate import KVCache, generate
+from engine.models.gpt import GPT, GPTConfig
 
-__all__ = ["BERT", "BertConfig"]
+__all__ = ["BERT", "BertConfig", "GPT", "GPTConfig", "KVCache", "generate"]
