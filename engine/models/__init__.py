@@ -2,5 +2,6 @@
 from engine.models.bert import BERT, BertConfig
 from engine.models.generate import KVCache, generate
 from engine.models.gpt import GPT, GPTConfig
+from engine.models.transformer import Transformer, TransformerConfig
 
-__all__ = ["BERT", "BertConfig", "GPT", "GPTConfig", "KVCache", "generate"]
+__all__ = ["BERT", "BertConfig", "GPT", "GPTConfig", "KVCache", "generate", "Transformer", "TransformerConfig"]
