@@ -347,6 +347,17 @@ def test_transformer_matches_torch(norm_first):
         close(q.grad, p.grad, atol=1e-4, rtol=1e-4)
 
 
+def test_transformer_custom_encoder_decoder_used_as_given():
+    torch.manual_seed(13)
+    encoder = enn.TransformerEncoder(enn.TransformerEncoderLayer(D, H, FF), 1)
+    decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(D, H, FF), 1)
+    ours = enn.Transformer(D, H, custom_encoder=encoder, custom_decoder=decoder).eval()
+    assert ours.encoder is encoder and ours.decoder is decoder
+    theirs = torch.nn.Transformer(D, H, custom_encoder=encoder, custom_decoder=decoder).eval()
+    src, tgt = seq(False, S, D), seq(False, T, D)
+    close(ours(src, tgt), theirs(src, tgt))
+
+
 def test_training_mode_runs():
     """Training mode: the dropouts (hidden, attention, outer) are active, backward gives finite
     gradients everywhere; with dropout 0 training equals eval equals torch."""
