@@ -155,11 +155,23 @@ def explicit_choice(backend: Optional[str] = None) -> Optional[str]:
     return choice
 
 
+# torch.compile traces `select` (so that the choice is part of the graph and guarded like any
+# Python state it reads: use(...), ENGINE_BACKEND), but two things in it must not be traced: the
+# backend status (building the C++ extension) and the once-only fallback log. Both are marked
+# assume_constant_result: while tracing they run as plain Python and their results are baked into
+# the graph; in eager mode the marking changes nothing.
+
+
+@torch.compiler.assume_constant_result
+def _status_constant(name: str) -> BackendStatus:
+    return status(name)
+
+
 def why_not(op: str, backend: str, device: torch.device, args: tuple) -> Optional[str]:
     """None when `backend` can run `op` on `args`, else the reason it cannot."""
     if backend not in _registry.get(op, {}):
         return f"{op} has no {backend} implementation"
-    state = status(backend)
+    state = _status_constant(backend)
     if not state.available:
         return f"the {backend} backend is unavailable: {state.reason}"
     if device.type not in state.devices:
@@ -168,6 +180,14 @@ def why_not(op: str, backend: str, device: torch.device, args: tuple) -> Optiona
 
 
 _logged_fallbacks: set = set()
+
+
+@torch.compiler.assume_constant_result
+def _log_fallback_once(op: str, candidate: str, reason: str) -> bool:
+    if (op, candidate) not in _logged_fallbacks and candidate != "reference":
+        _logged_fallbacks.add((op, candidate))
+        logger.warning("engine: %s falls back from the %s backend: %s", op, candidate, reason)
+    return True
 
 
 def select(op: str, device: torch.device, args: tuple, backend: Optional[str] = None) -> str:
@@ -182,7 +202,5 @@ def select(op: str, device: torch.device, args: tuple, backend: Optional[str] = 
         reason = why_not(op, candidate, device, args)
         if reason is None:
             return candidate
-        if (op, candidate) not in _logged_fallbacks and candidate != "reference":
-            _logged_fallbacks.add((op, candidate))
-            logger.warning("engine: %s falls back from the %s backend: %s", op, candidate, reason)
+        _log_fallback_once(op, candidate, reason)
     return "reference"
