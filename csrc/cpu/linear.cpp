@@ -1,0 +1,255 @@
+// CPU epilogues of the linear layer and the GeLU kernels (math in csrc/common/activations.h,
+// dropout stream in csrc/common/philox.h).
+// Memory traffic: the forward epilogue reads the product tile (in cache: the GEMM has just
+// written it), the bias and the residual, and writes out and pre; the backward prologue reads
+// grad_out and pre and writes g (which the next GEMM reads while it is in cache). GeLU reads x
+// (and grad_y) and writes y (dx) once.
+// Every loop body is branch-free per element and written for `#pragma omp simd`: the activation
+// and whether dropout and residual are present are template parameters, chosen once per tile.
+#include "cpu/linear.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "common/philox.h"
+#include "cpu/convert.h"
+
+namespace engine::cpu {
+
+namespace {
+
+// u[j] = the dropout stream's uniform number of element (row, col0 + j): counters (n, m, 0).
+void dropout_uniforms(PhiloxKey key, int64_t row, int64_t col0, int64_t cols, float* u) {
+  const uint32_t c1 = static_cast<uint32_t>(row);
+  const uint32_t first = static_cast<uint32_t>(col0);
+#pragma omp simd
+  for (int64_t j = 0; j < cols; ++j) u[j] = dropout_uniform(key, first + static_cast<uint32_t>(j), c1, 0u);
+}
+
+// A row of a tile in the accumulator type: used in place when it is stored as A, else
+// converted into `buffer`.
+template <typename A, typename S>
+const A* acc_row(const S* row, A* buffer, int64_t n) {
+  if constexpr (std::is_same_v<S, A>) {
+    return row;
+  } else {
+    load_row(row, buffer, n);
+    return buffer;
+  }
+}
+
+template <Activation kAct, bool kDropout, bool kResidual, typename T, typename P>
+void forward_tile(const LinearForwardTile<T, P>& t, acc_t<T>* scratch) {
+  using A = acc_t<T>;
+  const int64_t n = t.cols;
+  A* bias = scratch;              // [n] the tile's bias in A (0 without bias)
+  A* values = scratch + n;        // [n] the product row (converted), then pre = product + bias
+  A* results = scratch + 2 * n;   // [n] out before its conversion to T
+  A* addend = scratch + 3 * n;    // [n] the residual row (converted)
+  float* uniforms = reinterpret_cast<float*>(scratch + 4 * n);  // [n] dropout stream
+  for (int64_t j = 0; j < n; ++j) bias[j] = t.bias ? to_acc(t.bias[j]) : A(0);
+  const float p = static_cast<float>(t.dropout_p);  // the stream compares in fp32 (common/philox.h)
+  const A scale = kDropout ? A(1.0 / (1.0 - t.dropout_p)) : A(1);
+  const PhiloxKey key = philox_key(t.seed);
+
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const A* product = acc_row<A>(t.product + r * t.product_stride, values, n);
+    const A* residual = kResidual ? acc_row<A>(t.residual + r * t.residual_stride, addend, n) : nullptr;
+    if (kDropout) dropout_uniforms(key, t.row0 + r, t.col0, n, uniforms);
+    T* pre_row = t.pre ? t.pre + r * t.pre_stride : nullptr;
+    T* out_row = t.out + r * t.out_stride;
+    // out = dropout(act(v)) + residual for v = product + bias; dropped elements are multiplied
+    // by 0 (not replaced by 0), so NaN and inf propagate as in the reference.
+    auto finish = [&](A v, int64_t j) {
+      A y = activate<kAct, A>(v);
+      if constexpr (kDropout) y *= uniforms[j] >= p ? scale : A(0);
+      if constexpr (kResidual) y += residual[j];
+      return y;
+    };
+    if constexpr (std::is_same_v<T, A>) {
+      // fp32/fp64: straight into the outputs (pre and out may be the product tile itself).
+      if (pre_row) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const A v = product[j] + bias[j];
+          pre_row[j] = v;
+          out_row[j] = finish(v, j);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) out_row[j] = finish(product[j] + bias[j], j);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const A v = product[j] + bias[j];
+        values[j] = v;
+        results[j] = finish(v, j);
+      }
+      // pre may be the (bf16) product tile itself with the bias already in it: nothing to write.
+      if (pre_row && static_cast<const void*>(pre_row) != static_cast<const void*>(t.product + r * t.product_stride))
+        store_row(values, pre_row, n);
+      store_row(results, out_row, n);
+    }
+    if (kDropout && t.keep) {
+      bool* keep_row = t.keep + r * t.keep_stride;
+      for (int64_t j = 0; j < n; ++j) keep_row[j] = uniforms[j] >= p;
+    }
+  }
+}
+
+template <Activation kAct, bool kDropout, typename T, typename G>
+void backward_tile(const LinearBackwardTile<T, G>& t, acc_t<T>* scratch) {
+  using A = acc_t<T>;
+  const int64_t n = t.cols;
+  A* grad_buffer = scratch;                                     // [n] grad_out row (converted)
+  A* pre_buffer = scratch + n;                                  // [n] pre row (converted)
+  A* g_buffer = scratch + 2 * n;                                // [n] g before its conversion
+  float* uniforms = reinterpret_cast<float*>(scratch + 3 * n);  // [n] dropout stream
+  const float p = static_cast<float>(t.dropout_p);  // the stream compares in fp32 (common/philox.h)
+  const A scale = kDropout ? A(1.0 / (1.0 - t.dropout_p)) : A(1);
+  const PhiloxKey key = philox_key(t.seed);
+  double* bias_grad = t.bias_grad;
+
+  for (int64_t r = 0; r < t.rows; ++r) {
+    const A* grad = acc_row<A>(t.grad_out + r * t.grad_stride, grad_buffer, n);
+    const A* pre = kAct != Activation::kNone ? acc_row<A>(t.pre + r * t.pre_stride, pre_buffer, n) : nullptr;
+    if (kDropout) dropout_uniforms(key, t.row0 + r, t.col0, n, uniforms);
+    G* g_row = t.g + r * t.g_stride;
+    A* g = std::is_same_v<G, A> ? reinterpret_cast<A*>(g_row) : g_buffer;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      A v = grad[j];
+      if constexpr (kDropout) v *= uniforms[j] >= p ? scale : A(0);
+      if constexpr (kAct != Activation::kNone) v *= activation_grad<kAct, A>(pre[j]);
+      g[j] = v;
+    }
+    if (bias_grad) {
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) bias_grad[j] += static_cast<double>(g[j]);
+    }
+    if constexpr (!std::is_same_v<G, A>) store_row(g, g_row, n);
+  }
+}
+
+// Calls fn(std::integral_constant<Activation, a>{}) for the runtime activation a.
+template <typename Fn>
+void with_activation(Activation activation, Fn&& fn) {
+  switch (activation) {
+    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
+    default: return fn(std::integral_constant<Activation, Activation::kNone>{});
+  }
+}
+
+}  // namespace
+
+template <typename T, typename P>
+void linear_forward_tile(const LinearForwardTile<T, P>& tile, acc_t<T>* scratch) {
+  if (tile.rows <= 0 || tile.cols <= 0) return;
+  const bool dropout = tile.dropout_p > 0.0;
+  const bool residual = tile.residual != nullptr;
+  with_activation(tile.activation, [&](auto act) {
+    constexpr Activation kAct = decltype(act)::value;
+    if (dropout && residual) forward_tile<kAct, true, true>(tile, scratch);
+    else if (dropout) forward_tile<kAct, true, false>(tile, scratch);
+    else if (residual) forward_tile<kAct, false, true>(tile, scratch);
+    else forward_tile<kAct, false, false>(tile, scratch);
+  });
+}
+
+template <typename T, typename G>
+void linear_backward_tile(const LinearBackwardTile<T, G>& tile, acc_t<T>* scratch) {
+  if (tile.rows <= 0 || tile.cols <= 0) return;
+  with_activation(tile.activation, [&](auto act) {
+    constexpr Activation kAct = decltype(act)::value;
+    if (tile.dropout_p > 0.0) backward_tile<kAct, true>(tile, scratch);
+    else backward_tile<kAct, false>(tile, scratch);
+  });
+}
+
+template <typename T>
+void column_sums(const T* matrix, int64_t stride, int64_t rows, int64_t cols, double* sums) {
+  using A = acc_t<T>;
+  std::vector<A> buffer(cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const A* row = acc_row<A>(matrix + r * stride, buffer.data(), cols);
+#pragma omp simd
+    for (int64_t j = 0; j < cols; ++j) sums[j] += static_cast<double>(row[j]);
+  }
+}
+
+// GeLU: chunks of kChunk elements (a few KB: L1) converted to A, computed, converted back.
+constexpr int64_t kChunk = 2048;
+
+template <typename T>
+void gelu_forward(const T* x, T* y, int64_t count, bool tanh, int num_threads) {
+  using A = acc_t<T>;
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+  with_activation(tanh ? Activation::kGeluTanh : Activation::kGelu, [&](auto act) {
+    constexpr Activation kAct = decltype(act)::value;
+#pragma omp parallel num_threads(chunks > 1 ? num_threads : 1)
+    {
+      std::vector<A> in_buffer(kChunk), out_buffer(kChunk);
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t start = c * kChunk, n = std::min(kChunk, count - start);
+        const A* in = acc_row<A>(x + start, in_buffer.data(), n);
+        A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(y + start) : out_buffer.data();
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) out[j] = activate<kAct, A>(in[j]);
+        if constexpr (!std::is_same_v<T, A>) store_row(out, y + start, n);
+      }
+    }
+  });
+}
+
+template <typename T>
+void gelu_backward(const T* grad_y, const T* x, T* dx, int64_t count, bool tanh, int num_threads) {
+  using A = acc_t<T>;
+  const int64_t chunks = (count + kChunk - 1) / kChunk;
+  with_activation(tanh ? Activation::kGeluTanh : Activation::kGelu, [&](auto act) {
+    constexpr Activation kAct = decltype(act)::value;
+#pragma omp parallel num_threads(chunks > 1 ? num_threads : 1)
+    {
+      std::vector<A> x_buffer(kChunk), grad_buffer(kChunk), out_buffer(kChunk);
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < chunks; ++c) {
+        const int64_t start = c * kChunk, n = std::min(kChunk, count - start);
+        const A* in = acc_row<A>(x + start, x_buffer.data(), n);
+        const A* grad = acc_row<A>(grad_y + start, grad_buffer.data(), n);
+        A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dx + start) : out_buffer.data();
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) out[j] = grad[j] * activation_grad<kAct, A>(in[j]);
+        if constexpr (!std::is_same_v<T, A>) store_row(out, dx + start, n);
+      }
+    }
+  });
+}
+
+// Product (and g) types: A for float, double and half (whose products run in fp32); bf16 for
+// bf16 (its products run on torch's bf16 GEMM).
+#define INSTANTIATE_TILES(T, P)                                                              \
+  template void linear_forward_tile<T, P>(const LinearForwardTile<T, P>&, acc_t<T>*);      \
+  template void linear_backward_tile<T, P>(const LinearBackwardTile<T, P>&, acc_t<T>*);
+INSTANTIATE_TILES(float, float)
+INSTANTIATE_TILES(double, double)
+INSTANTIATE_TILES(half, float)
+INSTANTIATE_TILES(bfloat16, bfloat16)
+#undef INSTANTIATE_TILES
+
+#define INSTANTIATE(T)                                                                        \
+  template void column_sums<T>(const T*, int64_t, int64_t, int64_t, double*);                 \
+  template void gelu_forward<T>(const T*, T*, int64_t, bool, int);                            \
+  template void gelu_backward<T>(const T*, const T*, T*, int64_t, bool, int);
+INSTANTIATE(float)
+INSTANTIATE(double)
+INSTANTIATE(half)
+INSTANTIATE(bfloat16)
+#undef INSTANTIATE
+
+}  // namespace engine::cpu
