@@ -5,9 +5,10 @@ engine ones that share the same parameters, and say what was swapped and what wa
     print(summary)
 
 What is swapped (each only when its forward is the library's own, not a subclass's override):
-    torch.nn      LayerNorm, RMSNorm, GELU -> engine.nn's; MultiheadAttention and
-                  TransformerEncoderLayer / TransformerDecoderLayer -> engine.nn's (when that module
-                  can serve the configuration)
+    torch.nn      LayerNorm, RMSNorm, GELU, MultiheadAttention, TransformerEncoderLayer,
+                  TransformerDecoderLayer -> engine.nn's; and the containers TransformerEncoder,
+                  TransformerDecoder, Transformer (whose torch forward would feed nested tensors
+                  to the layers in eval mode), with the layers inside them
     transformers  GPT-2: GPT2Attention (self- and cross-attention), GPT2MLP.
                   BERT: BertSelfAttention, BertSelfOutput, BertIntermediate, BertOutput,
                   BertPredictionHeadTransform (the layer norms inside the last three are computed
@@ -73,6 +74,7 @@ class OptimizeSummary:
         for r in self.replaced:
             groups.setdefault((r.original, r.replacement, r.note), []).append(r.path)
         for (original, replacement, note), paths in groups.items():
+            paths = [p or "<root>" for p in paths]
             shown = ", ".join(paths[:4]) + (f", ... ({len(paths) - 4} more)" if len(paths) > 4 else "")
             lines.append(f"  replaced {len(paths):3d} x {original} -> {replacement}: {shown}")
             if note:
@@ -86,44 +88,59 @@ def optimize(model: torch.nn.Module) -> OptimizeSummary:
     """Swaps, in place, every module of `model` that the engine serves for an engine module sharing
     its parameters (see the module docstring for the list) and returns an OptimizeSummary. The
     model's outputs stay equal within floating-point tolerance; call it again after adding
-    modules (already swapped modules are not touched twice). The root module itself cannot be
-    swapped in place (optimize its parent instead)."""
+    modules (already swapped modules are not touched twice). A root module that is itself
+    swappable (optimize(nn.LayerNorm(8))) changes class in place."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     summary = OptimizeSummary()
     rules = _rules()
     swapped = {}   # id(original) -> replacement, so a module shared by two parents stays shared
 
-    root_rule = _match(rules, model)
-    if root_rule is not None:
-        summary.skipped.append(Skip("", type(model).__name__, "the root module cannot be swapped in place; "
-                                    "optimize the model that contains it"))
+    def decide(module: torch.nn.Module) -> tuple[Optional[_Rule], Optional[str]]:
+        rule = _match(rules, module)
+        if rule is None:
+            return None, None
+        reason = rule.why_not(module)
+        if reason is None and "forward" in vars(module):
+            reason = "its forward is patched on the instance (accelerate hooks or similar), which a swap would lose"
+        return rule, reason
 
     def visit(parent: torch.nn.Module, prefix: str) -> None:
-        for name, child in list(parent.named_children()):
+        # parent._modules, not named_children(): that one skips a module's second appearance
+        for name, child in list(parent._modules.items()):
             if child is None:
                 continue
             path = f"{prefix}.{name}" if prefix else name
             if id(child) in swapped:
                 setattr(parent, name, swapped[id(child)])
                 continue
-            rule = _match(rules, child)
+            rule, reason = decide(child)
             if rule is None:
-                visit(child, path)
+                if not _fused(child):  # an engine layer already runs its children through fused ops
+                    visit(child, path)
                 continue
-            reason = rule.why_not(child)
-            if reason is None and "forward" in vars(child):
-                reason = ("its forward is patched on the instance (accelerate hooks or similar), which a swap "
-                          "would lose")
             if reason is not None:
                 summary.skipped.append(Skip(path, type(child).__name__, reason))
                 visit(child, path)
                 continue
-            new = rule.build(child)
+            new = _rebind(child, rule.target)
             swapped[id(child)] = new
             setattr(parent, name, new)
             summary.replaced.append(Replacement(path, type(child).__name__, _class_name(new), rule.note))
+            if rule.recurse:
+                visit(new, path)
 
+    # the root has no parent to hold a new object: it changes class in place (the engine classes
+    # hold no state of their own, so that is the same swap)
+    rule, reason = decide(model)
+    if rule is not None and reason is not None:
+        summary.skipped.append(Skip("", type(model).__name__, reason))
+    elif rule is not None:
+        original = type(model).__name__
+        model.__class__ = rule.target
+        summary.replaced.append(Replacement("", original, _class_name(model), rule.note))
+        if not rule.recurse:
+            return summary
     visit(model, "")
     return summary
 
@@ -136,8 +153,9 @@ def optimize(model: torch.nn.Module) -> OptimizeSummary:
 class _Rule:
     matches: Callable[[torch.nn.Module], bool]               # is this module one the rule is about?
     why_not: Callable[[torch.nn.Module], Optional[str]]     # None, or why it is left alone
-    build: Callable[[torch.nn.Module], torch.nn.Module]     # the replacement, sharing parameters
+    target: Optional[type]                                   # the engine subclass (no state of its own)
     note: str = ""
+    recurse: bool = False   # swap inside the replacement too (containers whose children run as modules)
 
 
 def _match(rules, module) -> Optional[_Rule]:
@@ -167,6 +185,14 @@ def _rebind(module: torch.nn.Module, cls: type) -> torch.nn.Module:
     return new
 
 
+def _fused(module: torch.nn.Module) -> bool:
+    """An engine module that computes its children's work itself (an engine layer, or one of the
+    transformers replacements below): nothing inside it is worth swapping."""
+    containers = (enn.TransformerEncoder, enn.TransformerDecoder, enn.Transformer)
+    return (type(module).__module__.startswith("engine.nn.") and not isinstance(module, containers)) \
+        or type(module) in _hf_classes().values()
+
+
 def _exact_forward(base: type) -> Callable[[torch.nn.Module], bool]:
     """Matches instances of `base` whose class does not override forward (a subclass with its own
     forward computes something else) and which are not engine modules already."""
@@ -182,16 +208,31 @@ def _subclass_with_own_forward(base: type, engine_cls: type) -> Callable[[torch.
 
 
 def _rules() -> list:
-    rules = [
-        _Rule(_exact_forward(torch.nn.LayerNorm), lambda m: None, lambda m: _rebind(m, enn.LayerNorm)),
-        _Rule(_exact_forward(torch.nn.RMSNorm), lambda m: None, lambda m: _rebind(m, enn.RMSNorm)),
-        _Rule(_exact_forward(torch.nn.GELU), lambda m: None, lambda m: _rebind(m, enn.GELU)),
+    def always(module):
+        return None
+
+    # (torch class, engine subclass, swap inside it too?) The layers run their children through
+    # their own fused forward (attention, add + norm, feed-forward), so their insides are not
+    # swapped; the stacks call their layers as modules, so theirs are.
+    torch_swaps = [
+        (torch.nn.LayerNorm, enn.LayerNorm, False), (torch.nn.RMSNorm, enn.RMSNorm, False),
+        (torch.nn.GELU, enn.GELU, False), (torch.nn.MultiheadAttention, enn.MultiheadAttention, False),
+        (torch.nn.TransformerEncoderLayer, enn.TransformerEncoderLayer, False),
+        (torch.nn.TransformerDecoderLayer, enn.TransformerDecoderLayer, False),
+        (torch.nn.TransformerEncoder, enn.TransformerEncoder, True),
+        (torch.nn.TransformerDecoder, enn.TransformerDecoder, True),
+        (torch.nn.Transformer, enn.Transformer, True),
     ]
-    for base, engine_cls in ((torch.nn.LayerNorm, enn.LayerNorm), (torch.nn.RMSNorm, enn.RMSNorm),
-                             (torch.nn.GELU, enn.GELU)):
+    notes = {
+        torch.nn.MultiheadAttention: "fully masked query rows give zeros where torch gives NaN",
+        torch.nn.TransformerEncoder: "never converts inputs to nested tensors: padded positions get computed "
+                                     "values where torch's eval fast path gives zeros",
+    }
+    rules = [_Rule(_exact_forward(base), always, engine_cls, notes.get(base, ""), recurse)
+             for base, engine_cls, recurse in torch_swaps]
+    for base, engine_cls, _ in torch_swaps:
         rules.append(_Rule(_subclass_with_own_forward(base, engine_cls),
-                           lambda m: f"a subclass of torch.nn.{type(m).__mro__[1].__name__} with its own forward",
-                           None))
+                           lambda m, b=base: f"a subclass of torch.nn.{b.__name__} with its own forward", None))
     rules += _hf_rules()
     return rules
 
@@ -447,5 +488,5 @@ def _hf_rules() -> list:
     rules = []
     for base, why_not, note in specs:
         engine_cls = classes[base]
-        rules.append(_Rule(_exact_forward(base), why_not, lambda m, c=engine_cls: _rebind(m, c), note))
+        rules.append(_Rule(_exact_forward(base), why_not, engine_cls, note))
     return rules
