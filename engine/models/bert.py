@@ -22,6 +22,7 @@ from torch import Tensor
 
 from engine import functional as F
 from engine import nn as enn
+from engine import training
 
 # transformers' hidden_act names -> the activation the engine's linear epilogue fuses
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -304,19 +305,9 @@ class BERT(torch.nn.Module):
 
 
 def masked_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of logits [B, S, V] against labels [B, S] over the positions whose label
-    is not -100. engine.training's masked-LM loss takes over here once it exists."""
-    try:
-        from engine import training
-        loss_fn = getattr(training, "masked_lm_loss", None)
-    except ImportError:
-        loss_fn = None
-    if loss_fn is not None:
-        return loss_fn(logits, labels)
-    if labels.shape != logits.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}")
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                             ignore_index=-100)
+    """Mean cross-entropy (fp32) of logits [B, S, V] against labels [B, S] over the positions whose
+    label is not -100: engine.training's masked-LM loss (training.mask_tokens makes the labels)."""
+    return training.masked_lm_loss(logits, labels)
 
 
 def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
