@@ -85,6 +85,8 @@ def _check(model, input_ids, max_new_tokens, temperature, top_k, top_p, attentio
     if attention_mask is not None:
         if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != tuple(input_ids.shape):
             raise ValueError(f"attention_mask must be a tensor shaped like input_ids {tuple(input_ids.shape)}")
+        if not bool((attention_mask != 0).any(-1).all()):
+            raise ValueError("every prompt needs at least one token that is not padding")
         if not bool((attention_mask[:, -1] != 0).all()):
             raise ValueError("attention_mask has padding at the end of a prompt; generation needs left padding "
                              "(pad before the prompt, as tokenizer.padding_side = 'left')")
@@ -146,8 +148,6 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
         next_position = torch.full((batch, 1), t, dtype=torch.long, device=device)
     else:
         tokens = attention_mask.to(device) != 0                # [B, T]
-        if not bool(tokens.any(-1).all()):
-            raise ValueError("every prompt needs at least one token that is not padding")
         cache.slots[:, 0, 0, :t] = tokens
         counts = tokens.long().cumsum(-1)                      # [B, T]
         positions = (counts - 1).masked_fill(~tokens, 0)
