@@ -275,7 +275,8 @@ class BERT(torch.nn.Module):
     @staticmethod
     def _padding_mask(attention_mask: Optional[Tensor], b: int, s: int, device) -> Optional[Tensor]:
         """[B, S] 1/0 -> bool [B, 1, 1, S] (a view: attention reads it in place, never expanded to
-        [B, heads, S, S]); None when every token is attended (so the kernels skip the mask)."""
+        [B, heads, S, S]); None when every token of a CPU batch is attended (the kernels then skip
+        the mask)."""
         if attention_mask is None:
             return None
         if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (b, s):
@@ -283,7 +284,7 @@ class BERT(torch.nn.Module):
                              f"{tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else attention_mask}")
         keep = attention_mask.to(device=device, dtype=torch.bool) if attention_mask.dtype != torch.bool \
             else attention_mask.to(device)
-        if keep.all():
+        if keep.device.type == "cpu" and bool(keep.all()):  # (on a GPU this check would cost a sync)
             return None
         return keep.view(b, 1, 1, s)
 
