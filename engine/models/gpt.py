@@ -15,7 +15,7 @@ The residual stream x [B, S, C] through one block, with the norms fused into the
     a      = softmax(q k^T / sqrt(D) + causal + padding) v      flash attention
     h2, x  = LayerNorm_2(x + a W_proj^T + b), x + a W_proj^T + b   add_layer_norm: one pass for both
     x      = gelu_tanh(h2 W_fc^T + b) W_mproj^T + b + x          feed_forward, residual in its epilogue
-then LayerNorm_1 of the next block (or ln_f) normalizes x, and lm_head (tied to wte) gives logits.
+and after the last block ln_f normalizes x and lm_head (tied to wte) gives the logits.
 With dropout active (training and dropout > 0) the residual dropouts of GPT-2 sit between the
 products and the adds, so those two fusions are replaced by plain adds there.
 """
@@ -147,9 +147,9 @@ class MLP(torch.nn.Module):
 
 
 class Block(torch.nn.Module):
-    """One pre-LN block: x + attn(ln_1(x)), then + mlp(ln_2(.)). forward(x) takes and returns the
-    residual stream [B, S, C]; GPT runs `step`, which receives ln_1(x) already computed (fused
-    into the previous residual add) and fuses ln_2 into the attention's residual add."""
+    """One pre-LN block: x + attn(ln_1(x)), then + mlp(ln_2(.)), on the residual stream x
+    [B, S, C]. Every parameter it reads is its own and it runs through __call__, so module hooks
+    (FSDP2's unshard/reshard, DDP) see it like any torch block."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -158,17 +158,26 @@ class Block(torch.nn.Module):
         self.ln_2 = enn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
-    def step(self, x: Tensor, h: Tensor, attend: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
-        """x [B, S, C]: the residual stream; h = ln_1(x); attend(q, k, v) -> [B, H, S, D].
-        Returns the next residual stream [B, S, C]."""
-        a = self.attn.merge_heads(attend(*self.attn.split_heads(h)))
-        h2, x = _add_layer_norm(a, x, self.ln_2)          # h2 = ln_2(x + a), x = x + a
-        return self.mlp(h2, residual=x)                   # x + mlp(h2)
-
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None) -> Tensor:
-        p = self.attn.dropout if self.training else 0.0
-        return self.step(x, _layer_norm(x, self.ln_1), lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, attn_mask, p, is_causal=True))
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, residual: Optional[Tensor] = None,
+                attend: Optional[Callable[[Tensor, Tensor, Tensor], Tensor]] = None) -> Tensor:
+        """x [B, S, C] -> the next residual stream [B, S, C].
+        attn_mask: None or bool [B, 1, 1, S] (True = a real token) for the default attention.
+        residual [B, S, C]: when given, the block's input is x + residual, added in ln_1's pass
+            (GPT uses it for token + position embeddings).
+        attend(q, k, v) -> [B, H, S, D]: replaces the default causal flash attention (generation
+            passes one that also fills a KV cache)."""
+        if residual is None:
+            h = _layer_norm(x, self.ln_1)
+        else:
+            h, x = _add_layer_norm(x, residual, self.ln_1)     # h = ln_1(x + residual), x = x + residual
+        if attend is None:
+            p = self.attn.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(*self.attn.split_heads(h), attn_mask, p, is_causal=True)
+        else:
+            y = attend(*self.attn.split_heads(h))
+        a = self.attn.merge_heads(y)
+        h2, x = _add_layer_norm(a, x, self.ln_2)                # h2 = ln_2(x + a), x = x + a
+        return self.mlp(h2, residual=x)                         # x + mlp(h2)
 
 
 class GPT(torch.nn.Module):
@@ -250,23 +259,22 @@ class GPT(torch.nn.Module):
         wte, wpe = self.transformer.wte, self.transformer.wpe
         if position_ids is None:
             position_ids = torch.arange(s, device=idx.device)
-        tokens = wte(idx)                                             # [B, S, C]
+        tokens = wte(idx)                                               # [B, S, C]
         positions = wpe(position_ids).expand(b, s, self.config.n_embd)  # [B or 1, S, C] -> [B, S, C]
-        blocks = self.transformer.h
-        dropout = self.training and self.config.dropout > 0
-        if dropout:
-            x = self.transformer.drop(tokens + positions)
-            h = _layer_norm(x, blocks[0].ln_1)
-        else:  # x = tokens + positions and ln_1(x) in one pass
-            h, x = _add_layer_norm(tokens, positions, blocks[0].ln_1)
+        if self.training and self.config.dropout > 0:
+            x, residual = self.transformer.drop(tokens + positions), None
+        else:  # block 0 adds them in its ln_1 pass
+            x, residual = tokens, positions
         if hidden_states is not None:
-            hidden_states.append(x)
-        for i, block in enumerate(blocks):
-            x = block.step(x, h, lambda q, k, v, i=i: attend(i, q, k, v))
-            last = i + 1 == len(blocks)
-            h = _layer_norm(x, self.transformer.ln_f if last else blocks[i + 1].ln_1)
+            hidden_states.append(x if residual is None else tokens + positions)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, residual=residual, attend=lambda q, k, v, i=i: attend(i, q, k, v))
+            residual = None
             if hidden_states is not None:
-                hidden_states.append(h if last else x)
+                hidden_states.append(x)
+        h = _layer_norm(x, self.transformer.ln_f)
+        if hidden_states is not None:
+            hidden_states[-1] = h  # as transformers: the last entry is after ln_f
         return h
 
     def logits(self, h: Tensor) -> Tensor:
