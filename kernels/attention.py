@@ -87,6 +87,17 @@ def _mul_split(x, hi, lo, FP64: tl.constexpr):
 
 
 @triton.jit
+def _in_range(offs, n, EVEN: tl.constexpr):
+    """offs < n, or a constant all-true mask when the block is exactly n wide (EVEN): the
+    compiler then drops the predicate, which on AMD costs a scalar register pair per load."""
+    if EVEN:
+        ok = tl.full(offs.shape, 1, tl.int1)
+    else:
+        ok = offs < n
+    return ok
+
+
+@triton.jit
 def _keep_scale(dropout_p, dropout_p_lo, FP64: tl.constexpr):
     """1 / (1 - p), the factor of kept probabilities, in ACC (p = dropout_p + dropout_p_lo for
     fp64, whose tail an fp32 argument cannot carry)."""
@@ -120,28 +131,22 @@ def _keep_mask(seed, rows, cols, plane, dropout_p):
 
 
 @triton.jit
-def _score_mask(s, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_ok,
+def _score_mask(s, visible, Mask_head, stride_mq, stride_mk, rows_m, rows_n,
                 TRANSPOSED: tl.constexpr, MASK_KIND: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr):
-    """Scores s with everything invisible set to -inf: keys past Sk and the bool mask; a float
-    mask is added (in the scores' units). Causality is the caller's (diagonal blocks only). s is [M, N] (rows = queries) or,
-    TRANSPOSED, [N, M] (rows = keys, as in the dK/dV kernel). offs_m/offs_n: int32 query/key
-    indices [M]/[N], row_ok/col_ok: their bounds. The mask is read through its strides (0 on
-    broadcast dims), never expanded."""
+    """Scores s with everything invisible set to -inf: what `visible` (the tile's bounds,
+    broadcastable to s) excludes and the bool mask; a float mask is added (in the scores' units).
+    Causality is the caller's (diagonal blocks only). s is [M, N] (rows = queries) or, TRANSPOSED,
+    [N, M] (rows = keys, as in the dK/dV kernel). rows_m/rows_n: query/key indices [M]/[N] clamped
+    into the tensor, so that the mask is read without predicates (what lies outside is discarded
+    by `visible`). The mask is read through its strides (0 on broadcast dims), never expanded."""
     if TRANSPOSED:
-        qi = offs_m[None, :]
-        kj = offs_n[:, None]
-        inside = row_ok[None, :] & col_ok[:, None]
-        visible = col_ok[:, None]
+        offsets = rows_m[None, :] * stride_mq + rows_n[:, None] * stride_mk
     else:
-        qi = offs_m[:, None]
-        kj = offs_n[None, :]
-        inside = row_ok[:, None] & col_ok[None, :]
-        visible = col_ok[None, :]
+        offsets = rows_m[:, None] * stride_mq + rows_n[None, :] * stride_mk
     if MASK_KIND == 1:
-        bits = tl.load(Mask_head + qi * stride_mq + kj * stride_mk, mask=inside, other=0)
-        visible = visible & (bits != 0)
+        visible = visible & (tl.load(Mask_head + offsets) != 0)
     elif MASK_KIND == 2:
-        bias = tl.load(Mask_head + qi * stride_mq + kj * stride_mk, mask=inside, other=0.0).to(ACC)
+        bias = tl.load(Mask_head + offsets).to(ACC)
         if FP64:
             s = s + bias
         else:
@@ -157,7 +162,7 @@ def _score_mask(s, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_
 def _fwd_blocks(acc, l_i, m_i, q,
                 K_head, V_head, Mask_head, Keep_head,
                 stride_ks, stride_vs, stride_mq, stride_mk,
-                offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, lo, hi, diag_from,
+                offs_m, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, lo, hi, diag_from,
                 scale_hi, scale_lo, qk_scale, dropout_p, seed, plane,
                 CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                 RETURN_KEEP: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr,
@@ -168,17 +173,21 @@ def _fwd_blocks(acc, l_i, m_i, q,
     than two keeps the scalar registers of the Philox keys and pointers from being doubled,
     which spilled SGPRs on gfx942)."""
     row_ok = offs_m < Sq
+    rows_m = tl.minimum(offs_m, Sq - 1)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Sk
-        kT = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None],
-                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)        # [BLOCK_D, N]
+        # keys past Sk are read from row Sk - 1 (no load predicates: on AMD each costs scalar
+        # registers) and their scores discarded below
+        rows_n = tl.minimum(offs_n, Sk - 1)
+        kT = tl.load(K_head + rows_n[None, :] * stride_ks + offs_d[:, None],
+                     mask=d_ok[:, None], other=0.0)                                  # [BLOCK_D, N]
         s = _mm(q, kT, ACC, DOT_IEEE, INTERPRET)                                     # [M, N]
         if FP64:
             s = _mul_split(s, scale_hi, scale_lo, FP64)
         else:
             s = s * qk_scale
-        s = _score_mask(s, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_ok,
+        s = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
                         False, MASK_KIND, ACC, FP64)
         if CAUSAL:
             if start_n >= diag_from:
@@ -195,8 +204,8 @@ def _fwd_blocks(acc, l_i, m_i, q,
                 tl.store(Keep_head + offs_m[:, None] * Sk + offs_n[None, :], keep.to(tl.int8),
                          mask=row_ok[:, None] & col_ok[None, :])
             p = tl.where(keep, p, 0.0)            # 1 / (1 - p) is applied once at the end
-        v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)       # [N, BLOCK_DV]
+        v = tl.load(V_head + rows_n[:, None] * stride_vs + offs_dv[None, :],
+                    mask=dv_ok[None, :], other=0.0)                                  # [N, BLOCK_DV]
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, ACC, DOT_IEEE, INTERPRET)
         m_i = m_new
     return acc, l_i, m_i
@@ -225,6 +234,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr, RETURN_KEEP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,   # next powers of two >= D, Dv (>= 16)
+    EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,     # D == BLOCK_D, Dv == BLOCK_DV: no head-dim masks
     ACC: tl.constexpr,          # tl.float32, or tl.float64 for fp64 data
     DOT_IEEE: tl.constexpr,     # fp32/fp64 data: exact products
     FP64: tl.constexpr,         # natural-unit scores, split scalars
@@ -239,10 +249,12 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _in_range(offs_d, D, EVEN_D)
+    dv_ok = _in_range(offs_dv, Dv, EVEN_DV)
     row_ok = offs_m < Sq
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)           # [M, BLOCK_D]
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)           # [M, BLOCK_D]
     K_head = K + b * stride_kb + hk * stride_kh
     V_head = V + b * stride_vb + hk * stride_vh
     Mask_head = Mask + b * stride_mb + h * stride_mh
@@ -263,7 +275,7 @@ def _attn_fwd_kernel(
         mid = Sk
     acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, K_head, V_head, Mask_head, Keep_head,
                                 stride_ks, stride_vs, stride_mq, stride_mk,
-                                offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, 0, hi, mid,
+                                offs_m, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, 0, hi, mid,
                                 scale_hi, scale_lo, qk_scale, dropout_p, seed, bh,
                                 CAUSAL, MASK_KIND, DROPOUT, RETURN_KEEP, BLOCK_N, ACC, DOT_IEEE, FP64,
                                 INTERPRET)
@@ -289,7 +301,7 @@ def _attn_fwd_kernel(
         lse = (m_i + tl.log2(l_safe)) * _LN2
     lse = tl.where(empty, float("-inf"), lse)
     tl.store(Out + bh * Sq * Dv + offs_m[:, None] * Dv + offs_dv[None, :],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(Lse + bh * Sq + offs_m, lse, mask=row_ok)
 
 
@@ -301,11 +313,15 @@ def _attn_fwd_kernel(
 def _attn_bwd_preprocess_kernel(
     Out,                        # [B, Hq, Sq, Dv] forward output, unit stride in Dv
     DO,                         # [B, Hq, Sq, Dv] gradient of the output, unit stride in Dv
+    Lse,                        # [B, Hq, Sq] contiguous ACC: the forward's natural log-sum-exp
     Delta,                      # [B, Hq, Sq] contiguous ACC output: rowsum(dO * O)
+    LseS,                       # [B, Hq, Sq] contiguous ACC output: lse in the scores' units (log2
+                                # units, natural for fp64), +inf for rows with no visible key so
+                                # that P = exp(S - LseS) = 0 there
     stride_ob, stride_oh, stride_os,
     stride_dob, stride_doh, stride_dos,
     Hq, Sq, Dv,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -313,19 +329,24 @@ def _attn_bwd_preprocess_kernel(
     h = bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
-    inside = (offs_m[:, None] < Sq) & (offs_dv[None, :] < Dv)
+    row_ok = offs_m < Sq
+    inside = row_ok[:, None] & (offs_dv[None, :] < Dv)
     o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :],
                 mask=inside, other=0.0).to(ACC)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_dv[None, :],
                  mask=inside, other=0.0).to(ACC)
-    tl.store(Delta + bh * Sq + offs_m, tl.sum(o * do, 1), mask=offs_m < Sq)
+    tl.store(Delta + bh * Sq + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    lse = tl.load(Lse + bh * Sq + offs_m, mask=row_ok, other=0.0)
+    if not FP64:
+        lse = lse * _LOG2E
+    tl.store(LseS + bh * Sq + offs_m, tl.where(lse == float("-inf"), float("inf"), lse), mask=row_ok)
 
 
 @triton.jit
 def _bwd_dkdv_blocks(dk, dv, k, v,
-                     Q_head, DO_head, Lse_row, Delta_row, Mask_head,
+                     Q_head, DO_head, LseS_row, Delta_row, Mask_head,
                      stride_qs, stride_dos, stride_mq, stride_mk,
-                     offs_n, offs_d, offs_dv, Sq, Sk, D, Dv, lo, hi, diag_to,
+                     offs_n, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, lo, hi, diag_to,
                      scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, plane,
                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                      BLOCK_M: tl.constexpr, ACC: tl.constexpr, DOT_IEEE: tl.constexpr,
@@ -335,29 +356,29 @@ def _bwd_dkdv_blocks(dk, dv, k, v,
     tiles (rows = keys) so that dK and dV come out as [N, D] products. CAUSAL: query blocks
     before diag_to are crossed by the diagonal and apply j <= i."""
     col_ok = offs_n < Sk
+    rows_n = tl.minimum(offs_n, Sk - 1)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Sq
-        qT = tl.load(Q_head + offs_m[None, :] * stride_qs + offs_d[:, None],
-                     mask=row_ok[None, :] & (offs_d[:, None] < D), other=0.0)        # [BLOCK_D, M]
+        # query rows past Sq are read from row Sq - 1 (no load predicates) and masked out of P
+        rows_m = tl.minimum(offs_m, Sq - 1)
+        qT = tl.load(Q_head + rows_m[None, :] * stride_qs + offs_d[:, None],
+                     mask=d_ok[:, None], other=0.0)                                  # [BLOCK_D, M]
         sT = _mm(k, qT, ACC, DOT_IEEE, INTERPRET)                                    # [N, M]
         if FP64:
             sT = _mul_split(sT, scale_hi, scale_lo, FP64)
         else:
             sT = sT * qk_scale
-        sT = _score_mask(sT, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_ok,
-                         True, MASK_KIND, ACC, FP64)
+        sT = _score_mask(sT, col_ok[:, None] & row_ok[None, :], Mask_head, stride_mq, stride_mk,
+                         rows_m, rows_n, True, MASK_KIND, ACC, FP64)
         if CAUSAL:
             if start_m < diag_to:
                 sT = tl.where(offs_n[:, None] <= offs_m[None, :], sT, float("-inf"))
-        lse = tl.load(Lse_row + offs_m, mask=row_ok, other=float("-inf"))
-        if not FP64:
-            lse = lse * _LOG2E
-        # rows with no visible key (lse -inf) and rows past Sq: subtract +inf so that P = 0
-        lse = tl.where(lse == float("-inf"), float("inf"), lse)
+        # the row's lse in the scores' units, +inf where no key is visible (so that P = 0)
+        lse = tl.load(LseS_row + rows_m)
         pT = _exp_base(sT - lse[None, :], FP64)                                      # [N, M]
-        do = tl.load(DO_head + offs_m[:, None] * stride_dos + offs_dv[None, :],
-                     mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)      # [M, BLOCK_DV]
+        do = tl.load(DO_head + rows_m[:, None] * stride_dos + offs_dv[None, :],
+                     mask=dv_ok[None, :], other=0.0)                                 # [M, BLOCK_DV]
         dpT = _mm(v, tl.trans(do), ACC, DOT_IEEE, INTERPRET)                         # [N, M]
         if DROPOUT:
             keepT = _keep_mask(seed, offs_m[None, :], offs_n[:, None], plane, dropout_p)
@@ -366,7 +387,7 @@ def _bwd_dkdv_blocks(dk, dv, k, v,
         else:
             pdT = pT
         dv += _mm(pdT.to(do.dtype), do, ACC, DOT_IEEE, INTERPRET)
-        delta = tl.load(Delta_row + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(Delta_row + rows_m)
         dsT = pT * (dpT - delta[None, :])
         dk += _mm(dsT.to(qT.dtype), tl.trans(qT), ACC, DOT_IEEE, INTERPRET)
     return dk, dv
@@ -378,7 +399,7 @@ def _attn_bwd_dkdv_kernel(
     K,                          # [B, Hk, Sk, D], unit stride in D
     V,                          # [B, Hk, Sk, Dv], unit stride in Dv
     DO,                         # [B, Hq, Sq, Dv] gradient of the output, unit stride in Dv
-    Lse,                        # [B, Hq, Sq] contiguous ACC, from the forward
+    LseS,                       # [B, Hq, Sq] contiguous ACC: lse in the scores' units, +inf if no key is visible
     Delta,                      # [B, Hq, Sq] contiguous ACC, rowsum(dO * O)
     Mask,                       # [B, Hq, Sq, Sk] view, int8 (bool) or float, read when MASK_KIND > 0
     DK,                         # [B, Hk, Sk, D] contiguous output, summed over the GQA group
@@ -393,7 +414,7 @@ def _attn_bwd_dkdv_kernel(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows per step
     BLOCK_N: tl.constexpr,      # keys of this program
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     ACC: tl.constexpr, DOT_IEEE: tl.constexpr, FP64: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -404,11 +425,13 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _in_range(offs_d, D, EVEN_D)
+    dv_ok = _in_range(offs_dv, Dv, EVEN_DV)
     col_ok = offs_n < Sk
     k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)            # [N, BLOCK_D]
+                mask=col_ok[:, None] & d_ok[None, :], other=0.0)            # [N, BLOCK_D]
     v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_dv[None, :],
-                mask=col_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)          # [N, BLOCK_DV]
+                mask=col_ok[:, None] & dv_ok[None, :], other=0.0)          # [N, BLOCK_DV]
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
     qk_scale = scale_hi * _LOG2E
@@ -426,24 +449,24 @@ def _attn_bwd_dkdv_kernel(
         h = hk * group + g
         bh = b * Hq + h
         dk, dv = _bwd_dkdv_blocks(dk, dv, k, v, Q + b * stride_qb + h * stride_qh,
-                                  DO + b * stride_dob + h * stride_doh, Lse + bh * Sq, Delta + bh * Sq,
+                                  DO + b * stride_dob + h * stride_doh, LseS + bh * Sq, Delta + bh * Sq,
                                   Mask + b * stride_mb + h * stride_mh,
                                   stride_qs, stride_dos, stride_mq, stride_mk,
-                                  offs_n, offs_d, offs_dv, Sq, Sk, D, Dv, lo, Sq, mid,
+                                  offs_n, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, lo, Sq, mid,
                                   scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, bh,
                                   CAUSAL, MASK_KIND, DROPOUT, BLOCK_M, ACC, DOT_IEEE, FP64, INTERPRET)
     dk = _mul_split(dk, scale_hi, scale_lo, FP64)
     tl.store(DK + bhk * Sk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_d[None, :] < D))
+             mask=col_ok[:, None] & d_ok[None, :])
     tl.store(DV + bhk * Sk * Dv + offs_n[:, None] * Dv + offs_dv[None, :], dv.to(DV.dtype.element_ty),
-             mask=col_ok[:, None] & (offs_dv[None, :] < Dv))
+             mask=col_ok[:, None] & dv_ok[None, :])
 
 
 @triton.jit
 def _bwd_dq_blocks(dq, q, do, lse, delta,
                    K_head, V_head, Mask_head,
                    stride_ks, stride_vs, stride_mq, stride_mk,
-                   offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, lo, hi, diag_from,
+                   offs_m, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, lo, hi, diag_from,
                    scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, plane,
                    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                    BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT_IEEE: tl.constexpr,
@@ -451,20 +474,21 @@ def _bwd_dq_blocks(dq, q, do, lse, delta,
     """dQ [M, BLOCK_D] (ACC, before the final * scale) of one query block over key blocks
     [lo, hi). q [M, BLOCK_D], do [M, BLOCK_DV]; lse [M] in the scores' units with +inf for rows
     whose P is 0; delta [M]. CAUSAL: key blocks from diag_from on apply j <= i."""
-    row_ok = offs_m < Sq
+    rows_m = tl.minimum(offs_m, Sq - 1)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Sk
-        kT = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None],
-                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)        # [BLOCK_D, N]
-        vT = tl.load(V_head + offs_n[None, :] * stride_vs + offs_dv[:, None],
-                     mask=col_ok[None, :] & (offs_dv[:, None] < Dv), other=0.0)      # [BLOCK_DV, N]
+        rows_n = tl.minimum(offs_n, Sk - 1)      # as in the forward: read row Sk - 1, discard
+        kT = tl.load(K_head + rows_n[None, :] * stride_ks + offs_d[:, None],
+                     mask=d_ok[:, None], other=0.0)                                  # [BLOCK_D, N]
+        vT = tl.load(V_head + rows_n[None, :] * stride_vs + offs_dv[:, None],
+                     mask=dv_ok[:, None], other=0.0)                                 # [BLOCK_DV, N]
         s = _mm(q, kT, ACC, DOT_IEEE, INTERPRET)                                     # [M, N]
         if FP64:
             s = _mul_split(s, scale_hi, scale_lo, FP64)
         else:
             s = s * qk_scale
-        s = _score_mask(s, Mask_head, stride_mq, stride_mk, offs_m, offs_n, row_ok, col_ok,
+        s = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
                         False, MASK_KIND, ACC, FP64)
         if CAUSAL:
             if start_n >= diag_from:
@@ -485,7 +509,7 @@ def _attn_bwd_dq_kernel(
     K,                          # [B, Hk, Sk, D], unit stride in D
     V,                          # [B, Hk, Sk, Dv], unit stride in Dv
     DO,                         # [B, Hq, Sq, Dv], unit stride in Dv
-    Lse,                        # [B, Hq, Sq] contiguous ACC, from the forward
+    LseS,                       # [B, Hq, Sq] contiguous ACC: lse in the scores' units, +inf if no key is visible
     Delta,                      # [B, Hq, Sq] contiguous ACC, rowsum(dO * O)
     Mask,                       # [B, Hq, Sq, Sk] view, int8 (bool) or float, read when MASK_KIND > 0
     DQ,                         # [B, Hq, Sq, D] contiguous output
@@ -499,7 +523,7 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows of this program
     BLOCK_N: tl.constexpr,      # keys per step
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     ACC: tl.constexpr, DOT_IEEE: tl.constexpr, FP64: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -511,15 +535,14 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _in_range(offs_d, D, EVEN_D)
+    dv_ok = _in_range(offs_dv, Dv, EVEN_DV)
     row_ok = offs_m < Sq
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)           # [M, BLOCK_D]
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)           # [M, BLOCK_D]
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)        # [M, BLOCK_DV]
-    lse = tl.load(Lse + bh * Sq + offs_m, mask=row_ok, other=float("-inf"))
-    if not FP64:
-        lse = lse * _LOG2E
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)   # P = 0 on rows with no visible key
+                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)        # [M, BLOCK_DV]
+    lse = tl.load(LseS + bh * Sq + offs_m, mask=row_ok, other=float("inf"))   # +inf: P = 0
     delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
     K_head = K + b * stride_kb + hk * stride_kh
     V_head = V + b * stride_vb + hk * stride_vh
@@ -535,12 +558,12 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     dq = _bwd_dq_blocks(dq, q, do, lse, delta, K_head, V_head, Mask_head,
                         stride_ks, stride_vs, stride_mq, stride_mk,
-                        offs_m, offs_d, offs_dv, Sq, Sk, D, Dv, 0, hi, mid,
+                        offs_m, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, 0, hi, mid,
                         scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, bh,
                         CAUSAL, MASK_KIND, DROPOUT, BLOCK_N, ACC, DOT_IEEE, FP64, INTERPRET)
     dq = _mul_split(dq, scale_hi, scale_lo, FP64)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-             mask=row_ok[:, None] & (offs_d[None, :] < D))
+             mask=row_ok[:, None] & d_ok[None, :])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,7 +590,7 @@ def _attn_decode_split_kernel(
     MASK_KIND: tl.constexpr,
     BLOCK_M: tl.constexpr,      # query rows per program (>= 16 for tl.dot; rows padded)
     BLOCK_N: tl.constexpr,      # keys per step
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     ACC: tl.constexpr, DOT_IEEE: tl.constexpr, FP64: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     split = tl.program_id(0)
@@ -576,13 +599,16 @@ def _attn_decode_split_kernel(
     hk = bhk % Hk
     offs_r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)   # row r = g * Sq + i
     row_ok = offs_r < rows
-    g = offs_r // Sq
-    i = offs_r % Sq
+    rows_r = tl.minimum(offs_r, rows - 1)        # padding rows repeat the last one; not stored
+    g = rows_r // Sq
+    i = rows_r % Sq
     h = (hk * group + g).to(tl.int64)             # [M] query head of each row
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _in_range(offs_d, D, EVEN_D)
+    dv_ok = _in_range(offs_dv, Dv, EVEN_DV)
     q = tl.load(Q + b * stride_qb + h[:, None] * stride_qh + i[:, None] * stride_qs + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)           # [M, BLOCK_D]
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)           # [M, BLOCK_D]
     length = tl.minimum(tl.load(SeqLens + b), S_max)
     position = length - Sq + i                    # [M] cache position of each new query
     # this split's keys: a BLOCK_N-aligned share of [0, length)
@@ -600,8 +626,9 @@ def _attn_decode_split_kernel(
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         col_ok = offs_n < hi
-        kT = tl.load(K_head + offs_n[None, :] * stride_ks + offs_d[:, None],
-                     mask=col_ok[None, :] & (offs_d[:, None] < D), other=0.0)        # [BLOCK_D, N]
+        rows_n = tl.minimum(offs_n, hi - 1)      # keys past hi: read row hi - 1, discard the score
+        kT = tl.load(K_head + rows_n[None, :] * stride_ks + offs_d[:, None],
+                     mask=d_ok[:, None], other=0.0)        # [BLOCK_D, N]
         s = _mm(q, kT, ACC, DOT_IEEE, INTERPRET)                                     # [M, N]
         if FP64:
             s = _mul_split(s, scale_hi, scale_lo, FP64)
@@ -609,11 +636,10 @@ def _attn_decode_split_kernel(
             s = s * qk_scale
         visible = col_ok[None, :] & (offs_n[None, :] <= position[:, None])
         if MASK_KIND == 1:
-            bits = tl.load(Mask_rows + offs_n[None, :] * stride_mk, mask=row_ok[:, None] & col_ok[None, :], other=0)
+            bits = tl.load(Mask_rows + rows_n[None, :] * stride_mk)
             visible = visible & (bits != 0)
         elif MASK_KIND == 2:
-            bias = tl.load(Mask_rows + offs_n[None, :] * stride_mk, mask=row_ok[:, None] & col_ok[None, :],
-                           other=0.0).to(ACC)
+            bias = tl.load(Mask_rows + rows_n[None, :] * stride_mk).to(ACC)
             if FP64:
                 s = s + bias
             else:
@@ -624,8 +650,8 @@ def _attn_decode_split_kernel(
         p = _exp_base(s - m_use[:, None], FP64)
         alpha = _exp_base(m_i - m_use, FP64)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V_head + offs_n[:, None] * stride_vs + offs_dv[None, :],
-                    mask=col_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)       # [N, BLOCK_DV]
+        v = tl.load(V_head + rows_n[:, None] * stride_vs + offs_dv[None, :],
+                    mask=dv_ok[None, :], other=0.0)       # [N, BLOCK_DV]
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, ACC, DOT_IEEE, INTERPRET)
         m_i = m_new
 
@@ -639,7 +665,7 @@ def _attn_decode_split_kernel(
     lse = tl.where(empty, float("-inf"), lse)
     row = ((b * Hq + h) * Sq + i) * splits + split                                  # [M] int64
     tl.store(OPart + row[:, None] * Dv + offs_dv[None, :], out,
-             mask=row_ok[:, None] & (offs_dv[None, :] < Dv))
+             mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(LsePart + row, lse, mask=row_ok)
 
 
@@ -658,13 +684,14 @@ def _attn_decode_combine_kernel(
     offs_s = tl.arange(0, BLOCK_S)
     offs_dv = tl.arange(0, BLOCK_DV)
     split_ok = offs_s < splits
+    dv_ok = offs_dv < Dv
     lse = tl.load(LsePart + row * splits + offs_s, mask=split_ok, other=float("-inf")).to(ACC)
     top = tl.max(lse, 0)
     top = tl.where(top == float("-inf"), 0.0, top)   # every split empty: weights exp(-inf) = 0
     weight = tl.exp(lse - top)                        # [S]
     total = tl.sum(weight, 0)
     part = tl.load(OPart + (row * splits + offs_s[:, None]) * Dv + offs_dv[None, :],
-                   mask=split_ok[:, None] & (offs_dv[None, :] < Dv), other=0.0)
+                   mask=split_ok[:, None] & dv_ok[None, :], other=0.0)
     total_safe = tl.where(total == 0.0, 1.0, total)
     out = tl.sum(part * weight[:, None], 0) / total_safe
     tl.store(Out + row * Dv + offs_dv, out.to(Out.dtype.element_ty), mask=offs_dv < Dv)
@@ -784,7 +811,7 @@ def _pruner(candidates):
 
 
 # triton.autotune adds the dtypes of every tensor argument to this key
-_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "CAUSAL", "DROPOUT"]
+_TUNE_KEY = ["BLOCK_D", "BLOCK_DV", "EVEN_D", "EVEN_DV", "CAUSAL", "DROPOUT"]
 _FWD_TUNE_KEY = _TUNE_KEY + ["RETURN_KEEP"]
 _attn_fwd = triton.autotune(_configs(fwd_candidates, _INTERPRET_FWD), key=_FWD_TUNE_KEY,
                             prune_configs_by=_pruner(fwd_candidates))(_attn_fwd_kernel)
@@ -867,7 +894,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
         hq, hq // hk, sq, sk, d, dv,
         scale_hi, scale_lo, p_hi, p_lo, _seed(seed),
         CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout, RETURN_KEEP=return_keep,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET,
+        BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=d == block_d, EVEN_DV=dv == block_dv,
+        ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET,
     )
     return out, lse, keep
 
@@ -889,27 +917,28 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     dv = torch.empty((b, hk, sk, dv_dim), dtype=v.dtype, device=q.device)
     lse = lse.contiguous()
     delta = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
+    lse_s = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
     block_d, block_dv = _head_block(d), _head_block(dv_dim)
     if b * hq * sq > 0:
         block_m = _preprocess_block_m(block_dv)
         _attn_bwd_preprocess_kernel[(triton.cdiv(sq, block_m), b * hq)](
-            out, grad_out, delta, *_stride3(out), *_stride3(grad_out), hq, sq, dv_dim,
-            BLOCK_M=block_m, BLOCK_DV=block_dv, ACC=acc_tl, num_warps=4)
+            out, grad_out, lse, delta, lse_s, *_stride3(out), *_stride3(grad_out), hq, sq, dv_dim,
+            BLOCK_M=block_m, BLOCK_DV=block_dv, ACC=acc_tl, FP64=fp64, num_warps=4)
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
     scale_hi, scale_lo = _split(scale)
     p_hi, p_lo = _split(dropout_p)
     common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-                  BLOCK_D=block_d, BLOCK_DV=block_dv, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
-                  INTERPRET=INTERPRET)
+                  BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=d == block_d, EVEN_DV=dv_dim == block_dv,
+                  ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET)
     scalars = (scale_hi, scale_lo, p_hi, p_lo, _seed(seed))
     if b * hk * sk > 0:
         _attn_bwd_dkdv[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hk)](
-            q, k, v, grad_out, lse, delta, mask_arg, dk, dv,
+            q, k, v, grad_out, lse_s, delta, mask_arg, dk, dv,
             *_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides,
             hq, hk, hq // hk, sq, sk, d, dv_dim, *scalars, **common)
     if b * hq * sq > 0:
         _attn_bwd_dq[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
-            q, k, v, grad_out, lse, delta, mask_arg, dq,
+            q, k, v, grad_out, lse_s, delta, mask_arg, dq,
             *_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides,
             hq, hq // hk, sq, sk, d, dv_dim, *scalars, **common)
     return dq, dk, dv
@@ -967,7 +996,7 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         *_stride3(q), *_stride3(k_cache), *_stride3(v_cache), *mask_strides,
         hq, hk, group, sq, s_max, d, dv, rows, splits, scale_hi, scale_lo,
         MASK_KIND=mask_kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
+        EVEN_D=d == block_d, EVEN_DV=dv == block_dv, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
     _attn_decode_combine_kernel[(b * hq * sq,)](
         o_part, lse_part, out, lse, splits, dv,
         BLOCK_S=next_power_of_2(splits), BLOCK_DV=block_dv, ACC=acc_tl, num_warps=4)
@@ -1073,7 +1102,7 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
             mdt = _mask_dtype(mask_kind, dtype)
             mstr = (0, 0, s, 1) if mask_kind else (0, 0, 0, 0)
             flags = dict(CAUSAL=causal, MASK_KIND=mask_kind, DROPOUT=dropout, BLOCK_D=block_d,
-                         BLOCK_DV=block_d, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=False)
+                         BLOCK_DV=block_d, EVEN_D=d == block_d, EVEN_DV=d == block_d, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=False)
             scalars = (0.125, 0.0, 0.1 if dropout else 0.0, 0.0, seed if dropout else 0)
             fwd_plan = [(c, False) for c in fwd_candidates(block_d, dtype, dropout)]
             fwd_plan += [(c, True) for c in keep_candidates(block_d, dtype)] if dropout else []
@@ -1108,8 +1137,8 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
         cases.append(GpuCompileCase(
             name=f"attention_bwd_preprocess {dname} Dv={d}",
             kernel=_attn_bwd_preprocess_kernel,
-            args=(dtype, dtype, torch.float32, *strides_q, *strides_q, h, s, d),
-            constexprs=dict(BLOCK_M=block_m, BLOCK_DV=block_d, ACC=acc_tl),
+            args=(dtype, dtype, torch.float32, torch.float32, torch.float32, *strides_q, *strides_q, h, s, d),
+            constexprs=dict(BLOCK_M=block_m, BLOCK_DV=block_d, ACC=acc_tl, FP64=fp64),
             grid=(s // block_m, 8 * h), num_warps=4))
     cases += _decode_compile_cases()
     return cases
@@ -1139,7 +1168,7 @@ def _decode_compile_cases() -> list[GpuCompileCase]:
                           torch.float32, *sq_strides, *kv_strides, *kv_strides, *mstr,
                           h, hk, h // hk, 4, s_max, d, d, rows, 16, 0.125, 0.0),
                     constexprs=dict(MASK_KIND=mask_kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                                    BLOCK_DV=block_d, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
+                                    BLOCK_DV=block_d, EVEN_D=d == block_d, EVEN_DV=d == block_d, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
                                     INTERPRET=False),
                     grid=(16, 8 * hk, 1), num_warps=warps, num_stages=stages))
             cases.append(GpuCompileCase(
