@@ -3,6 +3,7 @@
 
 namespace engine::bindings {
 void bind_layer_norm(pybind11::module& m);
+void bind_attention(pybind11::module& m);
 }  // namespace engine::bindings
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -13,4 +14,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("with_cuda") = false;
 #endif
   engine::bindings::bind_layer_norm(m);
+  engine::bindings::bind_attention(m);
 }

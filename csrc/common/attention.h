@@ -84,10 +84,11 @@ HOST_DEVICE A attention_lse(A m, A l) {
   return l > A(0) ? m + log(l) : attention_neg_inf<A>();
 }
 
-// 1 / l, or 0 for a row with no visible key (its output is 0).
+// The output element o / l of a finished row, or 0 for a row with no visible key (l = 0). A
+// division, not a product with 1 / l: one rounding instead of two.
 template <typename A>
-HOST_DEVICE A attention_inverse_sum(A l) {
-  return l > A(0) ? A(1) / l : A(0);
+HOST_DEVICE A attention_normalize(A o, A l) {
+  return l > A(0) ? o / l : A(0);
 }
 
 // Merging partial results of one row over disjoint key ranges (flash-decoding): partial p has

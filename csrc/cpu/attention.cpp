@@ -25,11 +25,13 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -201,52 +203,95 @@ void gemm_generic(int64_t M, int64_t N, int64_t K, const A* a, int64_t a_ms, int
 #if defined(__AVX512F__)
 // An MR x (16 NV) block of C in registers (MR * NV <= 24 accumulators, + NV B vectors + one
 // broadcast: at most 29 of the 32 zmm registers). Per k: NV vector loads of B, MR broadcasts of
-// A, MR * NV FMAs, so at MR = 6, NV = 4 the FMA units, not the loads, set the pace. `last`
-// masks the lanes of the last vector (N not a multiple of 16).
+// A, MR * NV FMAs: at MR = 6, NV = 4, 10 loads per 24 FMAs keep this machine's FMA units (two
+// per cycle, one 512-bit load per cycle) the bottleneck. `last` masks the lanes of the last
+// vector (N % 16 != 0).
+//
+// Accuracy: the sum over k runs in chunks of kChunk terms, each in a fresh register chain that is
+// then added to C (kept in L1), rather than in one chain of K terms: sums with cancellation
+// (scores, dP, whose terms have both signs) then carry the rounding error of ~kChunk + K / kChunk
+// sequential additions instead of K (about 2x lower at K = 64, measured), at the cost of one load
+// and one store of the block per chunk, which the store port and spare load slots absorb.
+// (Keeping several interleaved chains in registers instead halves the block, and then the loads
+// of B and the broadcasts of A, not the FMAs, set the pace: ~2x slower.)
+constexpr int64_t kChunk = 16;
+
+template <int MR, int NV>
+__attribute__((always_inline)) inline void load_block(__m512 (&acc)[MR][NV], const float* c, int64_t ldc,
+                                                      __mmask16 last) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      acc[m][v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, c + m * ldc + 16 * v) : _mm512_loadu_ps(c + m * ldc + 16 * v);
+}
+
 template <int MR, int NV>
 inline void micro_kernel(int64_t K, const float* a, int64_t a_ms, int64_t a_ks, const float* b, int64_t ldb,
                          float* c, int64_t ldc, Init init, const float* row_scale, __mmask16 last) {
   __m512 acc[MR][NV];
+  if (init == Init::zero) {
 #pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-    const __m512 beta = init == Init::rescale ? _mm512_set1_ps(row_scale[m]) : _mm512_set1_ps(1.0f);
+    for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      if (init == Init::zero) {
-        acc[m][v] = _mm512_setzero_ps();
-      } else {
-        const __m512 old = v == NV - 1 ? _mm512_maskz_loadu_ps(last, c + m * ldc + 16 * v)
-                                       : _mm512_loadu_ps(c + m * ldc + 16 * v);
-        acc[m][v] = _mm512_mul_ps(old, beta);
+      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+  } else {
+    load_block<MR, NV>(acc, c, ldc, last);
+    if (init == Init::rescale) {
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m512 beta = _mm512_set1_ps(row_scale[m]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_mul_ps(acc[m][v], beta);
       }
     }
   }
   const float* a_rows[MR];
 #pragma GCC unroll 8
   for (int m = 0; m < MR; ++m) a_rows[m] = a + m * a_ms;
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < K; ++k) {
-    __m512 bv[NV];
-    const float* b_row = b + k * ldb;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    if (k0 > 0) {
+      // C holds the chunks so far: continue in a fresh chain
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v)
-      bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, b_row + 16 * v) : _mm512_loadu_ps(b_row + 16 * v);
-    const int64_t a_offset = k * a_ks;
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_setzero_ps();
+    }
+    const int64_t k1 = std::min(K, k0 + kChunk);
+#pragma GCC unroll 2
+    for (int64_t k = k0; k < k1; ++k) {
+      __m512 bv[NV];
+      const float* b_row = b + k * ldb;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v)
+        bv[v] = v == NV - 1 ? _mm512_maskz_loadu_ps(last, b_row + 16 * v) : _mm512_loadu_ps(b_row + 16 * v);
+      const int64_t a_offset = k * a_ks;
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m) {
+        const __m512 av = _mm512_set1_ps(a_rows[m][a_offset]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(av, bv[v], acc[m][v]);
+      }
+    }
+    if (k0 > 0) {
+#pragma GCC unroll 8
+      for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) {
+          const __m512 old = v == NV - 1 ? _mm512_maskz_loadu_ps(last, c + m * ldc + 16 * v)
+                                         : _mm512_loadu_ps(c + m * ldc + 16 * v);
+          acc[m][v] = _mm512_add_ps(old, acc[m][v]);
+        }
+    }
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
-      const __m512 av = _mm512_set1_ps(a_rows[m][a_offset]);
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[m][v] = _mm512_fmadd_ps(av, bv[v], acc[m][v]);
-    }
-  }
-#pragma GCC unroll 8
-  for (int m = 0; m < MR; ++m) {
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) {
-      if (v == NV - 1)
-        _mm512_mask_storeu_ps(c + m * ldc + 16 * v, last, acc[m][v]);
-      else
-        _mm512_storeu_ps(c + m * ldc + 16 * v, acc[m][v]);
+      for (int v = 0; v < NV; ++v) {
+        if (v == NV - 1)
+          _mm512_mask_storeu_ps(c + m * ldc + 16 * v, last, acc[m][v]);
+        else
+          _mm512_storeu_ps(c + m * ldc + 16 * v, acc[m][v]);
+      }
     }
   }
 }
@@ -254,10 +299,15 @@ inline void micro_kernel(int64_t K, const float* a, int64_t a_ms, int64_t a_ks, 
 using MicroKernel = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
                              Init, const float*, __mmask16);
 
-template <int MR>
-constexpr MicroKernel kernel_for(int nv) {
-  return nv == 1 ? &micro_kernel<MR, 1> : nv == 2 ? &micro_kernel<MR, 2> : nv == 3 ? &micro_kernel<MR, 3>
-                                                                                     : &micro_kernel<MR, 4>;
+// The table of micro-kernels [mr - 1][nv - 1] for register blocks of up to MR x NV vectors.
+template <int MR, int NV, int... Vs>
+constexpr std::array<MicroKernel, NV> kernels_for_rows(std::integer_sequence<int, Vs...>) {
+  return {&micro_kernel<MR, Vs + 1>...};
+}
+
+template <int NV, int... Ms>
+constexpr std::array<std::array<MicroKernel, NV>, sizeof...(Ms)> kernel_table(std::integer_sequence<int, Ms...>) {
+  return {kernels_for_rows<Ms + 1, NV>(std::make_integer_sequence<int, NV>{})...};
 }
 
 constexpr int kMR = 6;  // rows of a register block
@@ -265,14 +315,7 @@ constexpr int kNV = 4;  // vectors of a register block
 
 inline void gemm_avx512(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_ms, int64_t a_ks,
                         const float* b, int64_t ldb, float* c, int64_t ldc, Init init, const float* row_scale) {
-  static constexpr MicroKernel kernels[kMR][kNV] = {
-      {kernel_for<1>(1), kernel_for<1>(2), kernel_for<1>(3), kernel_for<1>(4)},
-      {kernel_for<2>(1), kernel_for<2>(2), kernel_for<2>(3), kernel_for<2>(4)},
-      {kernel_for<3>(1), kernel_for<3>(2), kernel_for<3>(3), kernel_for<3>(4)},
-      {kernel_for<4>(1), kernel_for<4>(2), kernel_for<4>(3), kernel_for<4>(4)},
-      {kernel_for<5>(1), kernel_for<5>(2), kernel_for<5>(3), kernel_for<5>(4)},
-      {kernel_for<6>(1), kernel_for<6>(2), kernel_for<6>(3), kernel_for<6>(4)},
-  };
+  static constexpr auto kernels = kernel_table<kNV>(std::make_integer_sequence<int, kMR>{});
   // n outer: one B panel [K, 64] stays in L1 while every row block of A passes over it.
   for (int64_t n0 = 0; n0 < N; n0 += 16 * kNV) {
     const int64_t width = std::min<int64_t>(16 * kNV, N - n0);
@@ -554,7 +597,8 @@ void forward_task(const AttentionForwardArgs<T>& a, const Shape<AttentionForward
     const RowsView<T> k_rows = rows_as_acc(k_head + j0 * a.k_stride_s, a.k_stride_s, bk, D, w.k.get());
     const RowsView<T> v_rows = rows_as_acc(v_head + j0 * a.v_stride_s, a.v_stride_s, bk, Dv, w.v.get());
     // S^T [bk, rows] = K_blk (Q scale)^T
-    gemm<A>(bk, rows.count, D, k_rows.data, k_rows.stride, 1, w.qt.get(), kRows, w.st.get(), kRows, Init::zero);
+    gemm<A>(bk, rows.count, D, k_rows.data, k_rows.stride, 1, w.qt.get(), kRows, w.st.get(), kRows,
+                          Init::zero);
     mask_transposed(w.st.get(), bk, j0, rows, a.mask, a.mask_kind, a.mask_stride_k);
     online_softmax_transposed(w.st.get(), bk, lanes, m, l, w.alpha.get());
     if (a.dropout_p > 0) dropout_transposed(w.st.get(), bk, j0, rows, key, p_keep, inv_keep);
@@ -573,10 +617,12 @@ void forward_task(const AttentionForwardArgs<T>& a, const Shape<AttentionForward
   }
   for (int64_t r = 0; r < rows.count; ++r) {
     const int64_t row_index = (b * sh.Hq + rows.head[r]) * sh.Sq + rows.pos[r];
-    const A inv = attention_inverse_sum(l[r]);
+    // o / l (a division, not a product with 1 / l: one rounding instead of two); 0 if l = 0
+    const A l_row = l[r] > A(0) ? l[r] : A(1);
+    const A keep = l[r] > A(0) ? A(1) : A(0);
     A* o_row = o + r * Dv;
 #pragma omp simd
-    for (int64_t d = 0; d < Dv; ++d) o_row[d] *= inv;
+    for (int64_t d = 0; d < Dv; ++d) o_row[d] = o_row[d] * keep / l_row;
     store_row(o_row, a.out + row_index * Dv, Dv);
     a.lse[row_index] = attention_lse(m[r], l[r]);
   }
@@ -604,9 +650,10 @@ void merge_task(const AttentionForwardArgs<T>& a, const Shape<AttentionForwardAr
 #pragma omp simd
       for (int64_t d = 0; d < Dv; ++d) buffer[d] += weight * o_part[d];
     }
-    const A inv = attention_inverse_sum(l_total);
+    const A l_row = l_total > A(0) ? l_total : A(1);
+    const A keep = l_total > A(0) ? A(1) : A(0);
 #pragma omp simd
-    for (int64_t d = 0; d < Dv; ++d) buffer[d] *= inv;
+    for (int64_t d = 0; d < Dv; ++d) buffer[d] = buffer[d] * keep / l_row;
     const int64_t row_index = (b * sh.Hq + rows.head[r]) * sh.Sq + rows.pos[r];
     store_row(buffer, a.out + row_index * Dv, Dv);
     a.lse[row_index] = attention_lse(m_total, l_total);
@@ -788,8 +835,8 @@ void dkdv_task(const AttentionBackwardArgs<T>& a, const Shape<AttentionBackwardA
       const RowsView<T> dout = rows_as_acc(a.dout + (plane * sh.Sq + i0) * Dv, Dv, rows, Dv, w.dout.get());
       A* s = w.s.get();
       A* dp = w.dp.get();
-      gemm<A>(rows, bk, D, q, D, 1, kt, kKeys, s, kKeys, Init::zero);                     // S  [rows, bk]
-      gemm<A>(rows, bk, Dv, dout.data, dout.stride, 1, vt, kKeys, dp, kKeys, Init::zero);  // dP [rows, bk]
+      gemm<A>(rows, bk, D, q, D, 1, kt, kKeys, s, kKeys, Init::zero);                // S  [rows, bk]
+      gemm<A>(rows, bk, Dv, dout.data, dout.stride, 1, vt, kKeys, dp, kKeys, Init::zero);  // dP
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t i = i0 + r;
         A* s_row = s + r * kKeys;
@@ -874,7 +921,8 @@ void dq_task(const AttentionBackwardArgs<T>& a, const Shape<AttentionBackwardArg
     const RowsView<T> v_rows = rows_as_acc(v_head + j0 * a.v_stride_s, a.v_stride_s, bk, Dv, w.v.get());
     gemm<A>(bk, rows.count, D, k_rows.data, k_rows.stride, 1, w.qt.get(), kRows, st, kRows, Init::zero);
     mask_transposed(st, bk, j0, rows, a.mask, a.mask_kind, a.mask_stride_k);
-    gemm<A>(bk, rows.count, Dv, v_rows.data, v_rows.stride, 1, w.doutt.get(), kRows, dpt, kRows, Init::zero);
+    gemm<A>(bk, rows.count, Dv, v_rows.data, v_rows.stride, 1, w.doutt.get(), kRows, dpt, kRows,
+                          Init::zero);
     for (int64_t j = 0; j < bk; ++j) {
       A* st_row = st + j * kRows;
       A* dpt_row = dpt + j * kRows;
@@ -916,10 +964,15 @@ void attention_backward(const AttentionBackwardArgs<T>& a, int num_threads) {
   const Shape<AttentionBackwardArgs<T>> sh(a);
   num_threads = std::max(num_threads, 1);
   const int64_t rows_total = sh.B * sh.Hq * sh.Sq;
-  // delta = rowsum(dout * out), in the accumulator type, summed in the order (and with the FMAs)
-  // the dP tiles use, 16 rows at a time so that their chains overlap: where a row sees a single
-  // key, out = v and dP - delta is then exactly 0, as it is mathematically.
+  // delta = rowsum(dout * out), in the accumulator type, summed in the order (and with the FMAs
+  // and chunks) the dP tiles use, 16 rows at a time so that their chains overlap: where a row
+  // sees a single key, out = v and dP - delta is then exactly 0, as it is mathematically.
   constexpr int64_t kDeltaRows = 16;
+#if defined(__AVX512F__)
+  const int64_t chunk = std::is_same_v<A, float> ? kChunk : sh.Dv;  // as the dP micro-kernel sums
+#else
+  const int64_t chunk = sh.Dv;
+#endif
 #pragma omp parallel num_threads(num_threads)
   {
     auto dout_rows = aligned_buffer<A>(kDeltaRows * sh.Dv);
@@ -930,10 +983,14 @@ void attention_backward(const AttentionBackwardArgs<T>& a, int num_threads) {
       const RowsView<T> x = rows_as_acc(a.dout + row0 * sh.Dv, sh.Dv, count, sh.Dv, dout_rows.get());
       const RowsView<T> y = rows_as_acc(a.out + row0 * sh.Dv, sh.Dv, count, sh.Dv, out_rows.get());
       A total[kDeltaRows] = {};
-      for (int64_t d = 0; d < sh.Dv; ++d) {
+      for (int64_t d0 = 0; d0 < sh.Dv; d0 += chunk) {
+        A part[kDeltaRows] = {};
+        for (int64_t d = d0; d < std::min(sh.Dv, d0 + chunk); ++d) {
 #pragma omp simd
-        for (int64_t r = 0; r < kDeltaRows; ++r)
-          if (r < count) total[r] = std::fma(x.data[r * x.stride + d], y.data[r * y.stride + d], total[r]);
+          for (int64_t r = 0; r < kDeltaRows; ++r)
+            if (r < count) part[r] = std::fma(x.data[r * x.stride + d], y.data[r * y.stride + d], part[r]);
+        }
+        for (int64_t r = 0; r < kDeltaRows; ++r) total[r] = d0 == 0 ? part[r] : total[r] + part[r];
       }
       for (int64_t r = 0; r < count; ++r) a.delta[row0 + r] = total[r];
     }

@@ -80,6 +80,52 @@ backends.register(OP, "triton", triton_kernels.attention_fwd, triton_kernels.att
 backends.register(DECODE_OP, "triton", triton_kernels.attention_decode, None, triton_kernels.supports_decode)
 # (triton, cpu and cuda register here as their kernels land)
 
+from engine import _ext  # noqa: E402  (csrc/cpu/attention.cpp, csrc/cuda/attention.cu)
+
+
+def attention_cpp_supports(kind: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Optional[str]:
+    """Limits of the C++ kernels ("cpu" or "cuda"): None when they can run the call, else why not.
+    cpu: fp16/bf16/fp32/fp64, any head dims. cuda: fp16/bf16/fp32 (tensor cores for the 16-bit
+    types), head dims up to 256. Both: masks bool or float, lengths below 2^31 (the dropout
+    counters are 32-bit)."""
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if kind == "cpu" else ())
+    if q.dtype not in dtypes:
+        return f"dtype {q.dtype} is not one of {', '.join(str(d) for d in dtypes)}"
+    if kind == "cuda" and max(q.shape[-1], v.shape[-1]) > 256:
+        return f"head dims {q.shape[-1]}/{v.shape[-1]} exceed 256"
+    if mask is not None and not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
+        return f"mask dtype {mask.dtype} is neither bool nor floating point"
+    if max(q.shape[2], k.shape[2]) >= 2**31:
+        return "sequence lengths of 2^31 or more"
+    return None
+
+
+def _cpp_attention(kind: str):
+    def forward(q, k, v, mask, causal, scale, dropout_p, seed, return_dropout_mask):
+        out, lse, keep = _ext.load(kind).attention_forward(q, k, v, mask, causal, scale, dropout_p, seed,
+                                                           return_dropout_mask)
+        return out, lse, (keep if return_dropout_mask and dropout_p > 0 else None)
+
+    def backward(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed):
+        return tuple(_ext.load(kind).attention_backward(grad_out, q, k, v, out, lse, mask, causal, scale,
+                                                        dropout_p, seed))
+
+    def supports(q, k, v, mask, causal, scale, dropout_p, seed, return_dropout_mask):
+        return attention_cpp_supports(kind, q, k, v, mask)
+
+    def decode(q, k_cache, v_cache, cache_seqlens, mask, scale):
+        return tuple(_ext.load(kind).attention_decode(q, k_cache, v_cache, cache_seqlens, mask, scale))
+
+    def supports_decode(q, k_cache, v_cache, cache_seqlens, mask, scale):
+        return attention_cpp_supports(kind, q, k_cache, v_cache, mask)
+
+    backends.register(OP, kind, forward, backward, supports)
+    backends.register(DECODE_OP, kind, decode, None, supports_decode)
+
+
+for _kind in ("cpu", "cuda"):
+    _cpp_attention(_kind)
+
 
 # ---------------------------------------------------------------------------------------------
 # Autograd: custom ops (torch.compile traces through them with the fake kernels). The dropout
