@@ -21,6 +21,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "common/dtypes.h"
 
@@ -46,13 +48,34 @@ HOST_DEVICE float fused_multiply_add(float a, float b, float c) {
 #endif
 }
 
+// cond ? a : b without a branch, for float or double. GCC (with its default -ftrapping-math)
+// sinks the arithmetic of a ternary's arms into branches and then cannot vectorize the loop
+// unless the target has masked instructions (AVX-512 does, AVX2 does not); selecting the bits
+// keeps both arms unconditional, so the hot loops use this instead of ?: on the host.
+template <typename A>
+HOST_DEVICE A choose(bool cond, A a, A b) {
+#if defined(__CUDA_ARCH__)
+  return cond ? a : b;
+#else
+  using Bits = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  const Bits mask = Bits(0) - static_cast<Bits>(cond);
+  Bits a_bits, b_bits;
+  std::memcpy(&a_bits, &a, sizeof(A));
+  std::memcpy(&b_bits, &b, sizeof(A));
+  const Bits bits = (a_bits & mask) | (b_bits & ~mask);
+  A result;
+  std::memcpy(&result, &bits, sizeof(A));
+  return result;
+#endif
+}
+
 // exp(y) for float on the host, for y in [-87.3, 88]: y = n ln2 + r with |r| <= ln2 / 2 (n rounded
 // with the 1.5 * 2^23 trick, ln2 split into a 16-bit head and a tail so n * head is exact), e^r
 // by a degree-6 polynomial (relative minimax on [-ln2/2, ln2/2], error 2e-9, fitted for this
 // file), times 2^n built in the exponent bits. Below -87.3 the result would be subnormal: 0.
 // Above 88 it is clamped to exp(88) (finite, so that callers may multiply it by 0). NaN -> NaN.
 HOST_DEVICE float exp_f32(float y) {
-  const float clamped = y < -87.3f ? -87.3f : (y > 88.0f ? 88.0f : y);
+  const float clamped = choose<float>(y < -87.3f, -87.3f, choose<float>(y > 88.0f, 88.0f, y));  // NaN stays
   const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = fused_multiply_add(n, -0.693145751953125f, clamped);
   r = fused_multiply_add(n, -1.42860682030941723e-6f, r);
@@ -64,7 +87,7 @@ HOST_DEVICE float exp_f32(float y) {
   p = fused_multiply_add(p, r, 1.0f);
   p = fused_multiply_add(p, r, 1.0f);
   const float scale = bits_as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  return y < -87.3f ? 0.0f : p * scale;
+  return choose<float>(y < -87.3f, 0.0f, p * scale);
 }
 
 // Phi(x) and phi(x) for float on the host. With z = |x| / sqrt(2):
@@ -85,7 +108,7 @@ HOST_DEVICE NormalCdfPdf normal_cdf_pdf_f32(float x) {
   const float ax = fabsf(x);
   const float xx = ax * ax;
   // exact rounding error of xx (0 for huge |x|, where it would be inf - inf; exp is 0 there)
-  const float xx_err = xx < 1e30f ? fused_multiply_add(ax, ax, -xx) : 0.0f;
+  const float xx_err = choose<float>(xx < 1e30f, fused_multiply_add(ax, ax, -xx), 0.0f);
   const float gauss = exp_f32(-0.5f * xx) * (1.0f - 0.5f * xx_err);  // exp(-x^2 / 2)
   const float z = ax * float(kSqrtHalf);
   const float zz = 0.5f * xx;
@@ -108,9 +131,9 @@ HOST_DEVICE NormalCdfPdf normal_cdf_pdf_f32(float x) {
   q = fused_multiply_add(q, t, 2.820801158e-01f);
   const float half_erfc = 0.5f * gauss * t * q;
   const bool small = z < 0.75f;
-  const float lower = small ? 0.5f - half_erf : half_erfc;          // Phi(-|x|)
-  const float upper = small ? 0.5f + half_erf : 1.0f - half_erfc;   // Phi(|x|)
-  return {x < 0.0f ? lower : upper, gauss * float(kInvSqrt2Pi)};
+  const float lower = choose<float>(small, 0.5f - half_erf, half_erfc);          // Phi(-|x|)
+  const float upper = choose<float>(small, 0.5f + half_erf, 1.0f - half_erfc);   // Phi(|x|)
+  return {choose<float>(x < 0.0f, lower, upper), gauss * float(kInvSqrt2Pi)};
 }
 
 // Phi(x) and phi(x) in A (float or double), from the best primitives of where it runs.
@@ -155,7 +178,7 @@ HOST_DEVICE void tanh_gate(A x, A& s, A& one_minus_s) {
   const A u2 = A(2 * kTanhScale) * (x + A(kTanhCubic) * x * x * x);  // 2u
   A e = exp_of<A>(-u2);
   const A cap = sizeof(A) == 4 ? A(1e37) : A(1e300);
-  e = e < cap ? e : cap;  // NaN stays NaN (the comparison is false)
+  e = choose<A>(e < cap, e, cap);  // NaN stays NaN (the comparison is false)
   s = A(1) / (A(1) + e);
   one_minus_s = e * s;
 }
@@ -174,7 +197,7 @@ HOST_DEVICE A activate(A x) {
     activation_math::tanh_gate(x, s, one_minus_s);
     return x * s;
   } else if constexpr (kAct == Activation::kRelu) {
-    return x < A(0) ? A(0) : x;  // NaN is not < 0: it propagates, as torch's relu
+    return activation_math::choose<A>(x < A(0), A(0), x);  // NaN is not < 0: it propagates, as torch's relu
   } else {
     return x;
   }
@@ -194,7 +217,7 @@ HOST_DEVICE A activation_grad(A x) {
     const A a3 = A(3 * activation_math::kTanhCubic);
     return s + A(2) * x * s * one_minus_s * c * (A(1) + a3 * x * x);
   } else if constexpr (kAct == Activation::kRelu) {
-    return x > A(0) ? A(1) : A(0);
+    return activation_math::choose<A>(x > A(0), A(1), A(0));
   } else {
     return A(1);
   }

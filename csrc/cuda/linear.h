@@ -28,7 +28,7 @@ struct LinearEpilogueArgs {
   int64_t rows;              // M
   int64_t cols;              // N (< 2^31)
   Activation activation;
-  float dropout_p;           // in [0, 1); 0: no dropout
+  double dropout_p;          // in [0, 1); 0: no dropout (compared in fp32, scale 1 / (1 - p) in A)
   uint64_t seed;             // dropout seed (counters (n, m, 0) for element [m, n])
 };
 
@@ -45,8 +45,8 @@ struct LinearBackwardArgs {
   int64_t rows;
   int64_t cols;              // < 2^31
   Activation activation;
-  float dropout_p;
-  uint64_t seed;
+  double dropout_p;          // in [0, 1); 0: no dropout
+  uint64_t seed;             // dropout seed
 };
 
 template <typename T>
