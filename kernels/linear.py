@@ -22,16 +22,18 @@ re-read from L2 by neighbouring programs, which the grouped program order keeps 
 FLOPs: forward 2*M*N*K, backward 4*M*N*K (2*M*N*K without the weight gradient).
 
 Products run on tensor cores for fp16/bf16 (tl.dot on the 16-bit operands, fp32 accumulator:
-mma on sm80, wgmma on sm90, MFMA on gfx942). fp32 products use input_precision="ieee" (true fp32
-FMA, no TF32), which matches torch's default (torch.backends.cuda.matmul.allow_tf32 = False) and
-the fp32 accuracy the tests require; fp64 products accumulate in fp64. In the Triton interpreter
-tl.dot gets fp32 (fp64 for fp64 data) operands, since its 16-bit arithmetic is wrong.
+mma on sm80, wgmma on sm90, MFMA on gfx942; g is rounded to the data's dtype for the backward
+products, as a 16-bit autograd would). fp32 products use input_precision="ieee" (true fp32 FMA,
+no TF32), which matches torch's default (torch.backends.cuda.matmul.allow_tf32 = False) and the
+fp32 accuracy the tests require. fp64 (for float64 gradcheck) runs only in the interpreter;
+supports() sends fp64 on a GPU to another backend. In the interpreter tl.dot gets fp32 operands
+for 16-bit data (its 16-bit arithmetic is wrong) and fp64 operands for fp32 data (_dot_acc).
 
 Program order: output tiles are visited in groups of GROUP rows of tiles (the "grouped" or
 swizzled order), so the programs running at the same time share the same few row panels of the
 left operand and column panels of the right one in L2.
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -66,12 +68,26 @@ def _tile_coords(pid, num_rows, num_cols, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _tanh(z):
-    """tanh from one exp of a non-positive argument (no overflow): sign(z) (1 - e) / (1 + e),
-    e = exp(-2|z|). Absolute error ~1 ulp of 1, which is what GeLU's (1 + tanh) needs."""
-    e = tl.exp(-2.0 * tl.abs(z))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(z < 0, -t, t)
+def _dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr):
+    """acc + a @ b. On a GPU, one tl.dot on operands of the data's dtype accumulating into acc
+    (fp32 for 16-bit and fp32 data: every product enters the running sum through one FMA).
+    In the interpreter, fp32 data arrives with DOT_DTYPE = fp64: the interpreter's fp32 matmul
+    rounds each product and each partial sum separately (no FMA; measured 2-2.5x the error of
+    torch's CPU matmul at K = 129, past the tests' 2x rule), so each K step's products are summed
+    in fp64 and rounded once into the fp32 accumulator instead."""
+    if DOT_DTYPE == tl.float64 and ACC == tl.float32:
+        return acc + tl.dot(a.to(tl.float64), b.to(tl.float64), out_dtype=tl.float64).to(tl.float32)
+    else:
+        return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+
+
+@triton.jit
+def _gelu_tanh_gate(x):
+    """s = (1 + tanh(u)) / 2 = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): torch's tanh-form
+    GeLU is x * s. One exp and no cancellation in 1 + tanh for negative u; exp overflowing to
+    inf for very negative u gives s = 0, as it should."""
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 1.0 / (1.0 + tl.exp(-2.0 * u))
 
 
 @triton.jit
@@ -80,7 +96,7 @@ def _activate(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == "gelu_tanh":
-        return 0.5 * x * (1.0 + _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+        return x * _gelu_tanh_gate(x)
     elif ACTIVATION == "relu":
         return tl.maximum(x, 0.0)
     else:
@@ -95,9 +111,10 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
         return (0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
                 + x * tl.exp(-0.5 * x * x) * 0.3989422804014327)
     elif ACTIVATION == "gelu_tanh":
-        # y = x (1 + t) / 2, t = tanh(c (x + a x^3)): y' = (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2
-        t = _tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))
-        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+        # y = x s, s = sigmoid(2u), u = c (x + a x^3): y' = s + x * 2 s (1 - s) c (1 + 3 a x^2)
+        # (= (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2 of the reference, t = tanh(u) = 2s - 1)
+        s = _gelu_tanh_gate(x)
+        return s + x * s * (1.0 - s) * (2.0 * 0.7978845608028654) * (1.0 + 0.134145 * x * x)
     elif ACTIVATION == "relu":
         return tl.where(x > 0, 1.0, 0.0)
     else:
@@ -144,6 +161,40 @@ def _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m, n, M,
     return g
 
 
+@triton.jit
+def _split_columns(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] -> its left and right [ROWS, COLS / 2] halves."""
+    return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, COLS // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _epilogue(acc, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om, M, N,
+              seed, dropout_p, scale_hi, scale_lo,
+              ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, STORE_PRE: tl.constexpr, STORE_MASK: tl.constexpr, ACC: tl.constexpr,
+              WIDTH: tl.constexpr):
+    """The forward's epilogue on an accumulator slice acc [BM, WIDTH] of rows offs_m [BM] (int64)
+    and columns first_col + [0, WIDTH): + bias, store pre-activation, activation, dropout (store
+    mask), + residual, store out."""
+    offs_n = first_col + tl.arange(0, WIDTH)
+    m2 = offs_m[:, None]
+    n2 = offs_n[None, :]
+    inside = (m2 < M) & (n2 < N)
+    if HAS_BIAS:
+        acc += tl.load(B + offs_n * stride_b, mask=offs_n < N, other=0.0).to(ACC)[None, :]
+    if STORE_PRE:
+        tl.store(PRE + m2 * stride_om + n2, acc.to(PRE.dtype.element_ty), mask=inside)
+    y = _activate(acc, ACTIVATION)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, m2, n2, dropout_p)
+        y = tl.where(keep, y * _dropout_scale(scale_hi, scale_lo, ACC), 0.0)
+        if STORE_MASK:
+            tl.store(KEEP + m2 * stride_om + n2, keep.to(tl.uint8), mask=inside)
+    if HAS_RESIDUAL:
+        y += tl.load(R + m2 * stride_rm + n2 * stride_rn, mask=inside, other=0.0).to(ACC)
+    tl.store(OUT + m2 * stride_om + n2, y.to(OUT.dtype.element_ty), mask=inside)
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels
 
@@ -164,11 +215,13 @@ def _linear_fwd_kernel(
     ACTIVATION: tl.constexpr,       # "none", "gelu", "gelu_tanh", "relu"
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_PRE: tl.constexpr, STORE_MASK: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,        # tl.dot operand dtype: x's dtype on GPU, ACC in the interpreter
+    DOT_DTYPE: tl.constexpr,        # tl.dot operand dtype: x's on GPU; interpreter: see _dot_dtype
     DOT_PRECISION: tl.constexpr,    # "ieee" (only matters for fp32 operands)
     ACC: tl.constexpr,              # accumulator dtype: fp32, fp64 for fp64 data
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # output tile, K step
     GROUP: tl.constexpr,            # row tiles per group of the program order
+    EPILOGUE_SPLIT: tl.constexpr,   # 1 or 4 column slices for an epilogue with an activation
+                                    # or dropout (a plain epilogue runs on the whole tile)
 ):
     pid = tl.program_id(0)
     pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
@@ -186,27 +239,39 @@ def _linear_fwd_kernel(
         k_left = K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
         b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        acc = _dot_acc(a, b, acc, DOT_DTYPE, DOT_PRECISION, ACC)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    # Epilogue on the accumulator tile, in the order of engine/reference.py linear.
-    m2 = offs_m[:, None]
-    n2 = offs_n[None, :]
-    inside = (m2 < M) & (n2 < N)
-    if HAS_BIAS:
-        acc += tl.load(B + offs_n * stride_b, mask=offs_n < N, other=0.0).to(ACC)[None, :]
-    if STORE_PRE:
-        tl.store(PRE + m2 * stride_om + n2, acc.to(PRE.dtype.element_ty), mask=inside)
-    y = _activate(acc, ACTIVATION)
-    if HAS_DROPOUT:
-        keep = _dropout_keep(seed, m2, n2, dropout_p)
-        y = tl.where(keep, y * _dropout_scale(scale_hi, scale_lo, ACC), 0.0)
-        if STORE_MASK:
-            tl.store(KEEP + m2 * stride_om + n2, keep.to(tl.uint8), mask=inside)
-    if HAS_RESIDUAL:
-        y += tl.load(R + m2 * stride_rm + n2 * stride_rn, mask=inside, other=0.0).to(ACC)
-    tl.store(OUT + m2 * stride_om + n2, y.to(OUT.dtype.element_ty), mask=inside)
+    # Epilogue on the accumulator tile, in the order of engine/reference.py linear, on column
+    # slices of the tile one after another (EPILOGUE_SPLIT of them), so that the activation and
+    # Philox temporaries of only one slice are live at a time (without this the heavy epilogue
+    # spills on sm80 at 64 accumulator elements per thread).
+    first_col = pid_n.to(tl.int64) * BLOCK_N
+    SLICES: tl.constexpr = EPILOGUE_SPLIT if (ACTIVATION != "none" or HAS_DROPOUT) else 1
+    if SLICES == 1:
+        _epilogue(acc, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om,
+                  M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, HAS_DROPOUT,
+                  STORE_PRE, STORE_MASK, ACC, BLOCK_N)
+    else:
+        tl.static_assert(SLICES == 4, "EPILOGUE_SPLIT is 1 or 4")
+        half: tl.constexpr = BLOCK_N // 2
+        quarter: tl.constexpr = BLOCK_N // 4
+        left, right = _split_columns(acc, BLOCK_M, BLOCK_N)
+        q0, q1 = _split_columns(left, BLOCK_M, half)
+        _epilogue(q0, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om,
+                  M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, HAS_DROPOUT,
+                  STORE_PRE, STORE_MASK, ACC, quarter)
+        _epilogue(q1, offs_m, first_col + quarter, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
+                  stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+                  HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter)
+        q2, q3 = _split_columns(right, BLOCK_M, half)
+        _epilogue(q2, offs_m, first_col + half, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
+                  stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+                  HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter)
+        _epilogue(q3, offs_m, first_col + half + quarter, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
+                  stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+                  HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -243,7 +308,7 @@ def _linear_bwd_dx_kernel(
         # masked along K too: with K == 0 the launcher still runs one K tile for the bias sums
         w = tl.load(W + n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=(n[:, None] < N) & (offs_k[None, :] < K), other=0.0)                     # [BN, BK]
-        acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        acc = _dot_acc(g, w, acc, DOT_DTYPE, DOT_PRECISION, ACC)
     inside = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(DX.dtype.element_ty), mask=inside)
 
@@ -282,7 +347,7 @@ def _linear_bwd_dw_kernel(
                            offs_n[:, None], end, N, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT, ACC)
         x = tl.load(X + m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m[:, None] < end,
                     other=0.0)                                                                    # [BM, BK]
-        acc = tl.dot(g_t.to(DOT_DTYPE), x.to(DOT_DTYPE), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        acc = _dot_acc(g_t, x, acc, DOT_DTYPE, DOT_PRECISION, ACC)
     inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(DW + split * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :],
              acc.to(DW.dtype.element_ty), mask=inside)
@@ -328,38 +393,51 @@ def _gelu_bwd_kernel(
 
 # ---------------------------------------------------------------------------------------------
 # Configurations
-#
-# One list for every GPU target: a config is compiled for sm80, sm90 and gfx942 alike, and
+
+
+class Tile(NamedTuple):
+    """One autotune configuration, in the forward's names: output tile [rows, cols] =
+    [BLOCK_M, BLOCK_N], reduction step BLOCK_K. The backward kernels reuse the shape with their own
+    output tile ([M, K] for dx, [N, K] for dW) and reduction step."""
+    rows: int
+    cols: int
+    step: int
+    warps: int
+    stages: int
+    split: int = 1   # forward EPILOGUE_SPLIT: column slices of an epilogue with activation/dropout
+
+
+# One set of lists for every GPU target: a config is compiled for sm80, sm90 and gfx942 alike, and
 # gfx942 gives a block 64 KB of shared memory, so every config's pipelined operand buffers,
-# (BM*BK + BK*BN) * bytes * stages, stay at or below 48 KB. Tensor-core configs keep the M tile a
-# multiple of 64 per 4 warps (a warpgroup), which sm90's wgmma needs.
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) in the forward's names: the output tile is
-# [BLOCK_M, BLOCK_N] and BLOCK_K the reduction step. The backward kernels reuse the same shapes
-# with their own output tile ([M, K] for dx, [N, K] for dW) and reduction step.
-_TENSOR_CORE_TILES = (
-    (128, 128, 32, 8, 3),
-    (128, 64, 32, 4, 4),
-    (64, 128, 32, 4, 4),
-    (64, 64, 64, 4, 3),
-)
-_FP32_TILES = (      # ieee fp32: FMA, not tensor cores; operands twice as wide
-    (64, 64, 32, 4, 3),
-    (128, 64, 16, 8, 3),
-)
-_FP64_TILES = (
-    (64, 64, 16, 4, 2),
-)
+# (rows*step + step*cols) * bytes * stages, stay at or below 48 KB. Tensor-core configs keep the
+# row tile a multiple of 64 per 4 warps (a warpgroup), which sm90's wgmma needs. The lists were
+# chosen with `python -m engine.readiness --kernels linear` (no spills on any target):
+# - forward tiles with 64 accumulator elements per thread run an activation/dropout epilogue in 4
+#   column slices (whole, it spills on sm80/sm90);
+# - backward programs also hold the g tile [rows, step] they compute each step, so their 128x64
+#   tile takes 8 warps (with 4 it spills on sm80/sm90) and their 64x64 tile a K step of 32
+#   (with 64, gelu_tanh + dropout spills on gfx942);
+# - fp32 (ieee) products are FMA loops holding operand slices in registers: small K steps and
+#   tiles, which do not spill anywhere.
+_TENSOR_CORE_TILES = {
+    "fwd": (Tile(128, 128, 32, 8, 3, split=4), Tile(128, 64, 32, 4, 4, split=4),
+            Tile(64, 128, 32, 4, 4, split=4), Tile(64, 64, 64, 4, 3, split=1)),
+    "bwd": (Tile(128, 128, 32, 8, 3), Tile(128, 64, 32, 8, 3), Tile(64, 128, 32, 4, 4), Tile(64, 64, 32, 4, 3)),
+}
+_FP32_TILES = (Tile(64, 64, 16, 8, 3), Tile(32, 64, 16, 4, 3))
 _GROUP = 8
 # The single configuration of the interpreter (autotuning needs a GPU): tiles large enough to keep
-# the number of program instances (~1 ms each) small.
-_INTERPRETER_TILE = (64, 64, 128, 4, 1)
+# the number of program instances (~1 ms each) small; the epilogue split exercises the slicing.
+_INTERPRETER_TILE = Tile(64, 64, 128, 4, 1, split=4)
 _INTERPRETER_GROUP = 4
 
 
-def _tiles_for(dtype: torch.dtype):
+def _tiles_for(dtype: torch.dtype, kind: str):
+    """GPU configs of a dtype for kind "fwd", "dx" or "dw" (fp64 products run in the interpreter
+    only: see supports)."""
     if dtype in (torch.float16, torch.bfloat16):
-        return _TENSOR_CORE_TILES
-    return _FP32_TILES if dtype == torch.float32 else _FP64_TILES
+        return _TENSOR_CORE_TILES["fwd" if kind == "fwd" else "bwd"]
+    return _FP32_TILES
 
 
 # Names of each kernel's output-tile and reduction constexprs, in the order of the tile tuples.
@@ -370,18 +448,19 @@ _TILE_NAMES = {
 }
 
 
-def _config(kind: str, tile, group: int) -> triton.Config:
-    rows, cols, step, warps, stages = tile
+def _config(kind: str, tile: Tile, group: int) -> triton.Config:
     names = _TILE_NAMES[kind]
-    return triton.Config({names[0]: rows, names[1]: cols, names[2]: step, "GROUP": group},
-                         num_warps=warps, num_stages=stages)
+    kwargs = {names[0]: tile.rows, names[1]: tile.cols, names[2]: tile.step, "GROUP": group}
+    if kind == "fwd":
+        kwargs["EPILOGUE_SPLIT"] = tile.split
+    return triton.Config(kwargs, num_warps=tile.warps, num_stages=tile.stages)
 
 
 def _configs(kind: str) -> list:
     if INTERPRET:
         return [_config(kind, _INTERPRETER_TILE, _INTERPRETER_GROUP)]
-    tiles = dict.fromkeys(_TENSOR_CORE_TILES + _FP32_TILES + _FP64_TILES)
-    return [_config(kind, t, _GROUP) for t in tiles]
+    tiles = _TENSOR_CORE_TILES["fwd" if kind == "fwd" else "bwd"] + _FP32_TILES
+    return [_config(kind, t, _GROUP) for t in dict.fromkeys(tiles)]
 
 
 def _prune(kind: str, pointer_name: str, size_names: tuple):
@@ -391,7 +470,7 @@ def _prune(kind: str, pointer_name: str, size_names: tuple):
 
     def prune(configs, named_args, **kwargs):
         dtype = named_args[pointer_name].dtype
-        allowed = {(t[0], t[1], t[2], t[3], t[4]) for t in _tiles_for(dtype)}
+        allowed = {t[:5] for t in _tiles_for(dtype, kind)}
         mine = [c for c in configs
                 if (c.kwargs[names[0]], c.kwargs[names[1]], c.kwargs[names[2]], c.num_warps, c.num_stages)
                 in allowed]
@@ -427,8 +506,11 @@ def _acc(dtype: torch.dtype):
 
 
 def _dot_dtype(dtype: torch.dtype):
-    """tl.dot operand dtype: the data's own on GPU; fp32 (fp64) in the interpreter."""
-    return _acc(dtype) if INTERPRET else _TL[dtype]
+    """tl.dot operand dtype: the data's own on GPU; in the interpreter fp32 for 16-bit data (its
+    16-bit arithmetic is wrong) and fp64 for fp32 and fp64 data (see _dot_acc)."""
+    if INTERPRET:
+        return tl.float32 if dtype in (torch.float16, torch.bfloat16) else tl.float64
+    return _TL[dtype]
 
 
 def _dropout_args(dropout_p: float) -> tuple[float, float, float]:
@@ -448,6 +530,10 @@ def supports(x, weight, bias, activation, dropout_p, seed, residual, return_drop
     """None when linear_fwd/linear_bwd can run the call (forward's arguments), else why not."""
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
+    if x.dtype == torch.float64 and x.device.type != "cpu":
+        # fp64 runs in the interpreter (float64 gradcheck). On a GPU its erf/Philox epilogue and
+        # prologue spill at every tile tried (gfx942, sm80), and fp64 products are cuBLAS's job.
+        return "float64 products are not compiled for GPUs (the reference backend serves them)"
     if weight.dtype != x.dtype:
         return f"weight dtype {weight.dtype} differs from input dtype {x.dtype} (tl.dot needs one operand type)"
     if activation not in ACTIVATIONS:
@@ -622,72 +708,77 @@ def gelu_bwd(grad_y: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.T
 
 def gpu_compile_cases() -> list[GpuCompileCase]:
     """Every configuration the launchers compile on a GPU, at a GPT-2 FFN shape (M=4096, K=768,
-    N=3072, every size a multiple of 16 as in real calls):
-    - forward: each autotune config of each dtype with the lightest epilogue (no bias, no
-      activation) and the heaviest (bias + gelu + dropout + residual + pre-activation + mask
-      stores); plus, at the first config of each dtype, each other activation with bias;
-    - backward dx and dW: each config of each dtype with gelu + dropout (+ bias partials for dx),
-      and at the first config the plain variant (no activation, no dropout);
-    - gelu forward/backward, erf and tanh forms.
-    fp16/bf16 products must use tensor cores."""
+    N=3072; real calls with sizes that are multiples of 16 specialize the same way), for fp16,
+    bf16 (tensor cores required) and fp32:
+    - forward, each autotune config: the plain epilogue, and the two heaviest (bias + gelu or
+      gelu_tanh + dropout + residual, storing the pre-activation and the mask); at the first
+      config also bias + relu;
+    - backward dx and dW, each config: gelu + dropout and gelu_tanh + dropout (dx also writing the
+      bias partials); at the first config also the plain variant and relu;
+    - gelu forward/backward, erf and tanh forms (also fp64, which they support on a GPU)."""
     m, k, n = 4096, 768, 3072
+    seed, p, scale_hi, scale_lo = 2**40 + 12345, 0.1, 1.1111111, 1e-9
     cases = []
-    for dtype in DTYPES:
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
         dname = str(dtype).removeprefix("torch.")
-        acc = _acc(dtype)
-        tc = dtype in (torch.float16, torch.bfloat16)
-        flt = torch.float64 if dtype == torch.float64 else torch.float32
-        for i, tile in enumerate(_tiles_for(dtype)):
-            warps, stages = tile[3], tile[4]
-            fwd = _config("fwd", tile, _GROUP).kwargs
-            dx = _config("dx", tile, _GROUP).kwargs
-            dw = _config("dw", tile, _GROUP).kwargs
-            tag = "x".join(map(str, tile[:3])) + f" w{warps} s{stages}"
-            fwd_variants = {"plain": ("none", False, False, False),
-                            "bias+gelu+dropout+residual": ("gelu", True, True, True)}
+        common = dict(DOT_DTYPE=_TL[dtype], DOT_PRECISION="ieee", ACC=tl.float32)
+        tc = dtype != torch.float32
+        for i, tile in enumerate(_tiles_for(dtype, "fwd")):
+            cfg = _config("fwd", tile, _GROUP)
+            variants = {  # name: (activation, bias, dropout, residual)
+                "plain": ("none", False, False, False),
+                "bias+gelu+dropout+residual": ("gelu", True, True, True),
+                "bias+gelu_tanh+dropout+residual": ("gelu_tanh", True, True, True)}
             if i == 0:
-                fwd_variants.update({f"bias+{a}": (a, True, False, False) for a in ("gelu_tanh", "relu")})
-            for vname, (act, bias, dropout, residual) in fwd_variants.items():
+                variants["bias+relu"] = ("relu", True, False, False)
+            for vname, (act, bias, dropout, residual) in variants.items():
                 cases.append(GpuCompileCase(
-                    name=f"linear_fwd {dname} {tag} {vname}",
+                    name=f"linear_fwd {dname} {_tile_name(tile)} {vname}",
                     kernel=_linear_fwd_kernel,
                     args=(dtype, k, 1, dtype, k, 1, dtype, 1, dtype, n, 1, dtype, dtype, torch.uint8, n,
-                          m, n, k, 2**40 + 12345, 0.1, 1.1111111, 1e-9),
+                          m, n, k, seed, p, scale_hi, scale_lo),
                     constexprs=dict(ACTIVATION=act, HAS_BIAS=bias, HAS_RESIDUAL=residual, HAS_DROPOUT=dropout,
-                                    STORE_PRE=act != "none", STORE_MASK=dropout, DOT_DTYPE=_TL[dtype],
-                                    DOT_PRECISION="ieee", ACC=acc, **fwd),
-                    grid=(triton.cdiv(m, fwd["BLOCK_M"]) * triton.cdiv(n, fwd["BLOCK_N"]),),
-                    num_warps=warps, num_stages=stages, expects_tensor_cores=tc))
-            bwd_variants = {"gelu+dropout": ("gelu", True)}
+                                    STORE_PRE=act != "none", STORE_MASK=dropout, **common, **cfg.kwargs),
+                    grid=(triton.cdiv(m, tile.rows) * triton.cdiv(n, tile.cols),),
+                    num_warps=tile.warps, num_stages=tile.stages, expects_tensor_cores=tc))
+        for i, tile in enumerate(_tiles_for(dtype, "dx")):
+            variants = {"gelu+dropout": ("gelu", True), "gelu_tanh+dropout": ("gelu_tanh", True)}
             if i == 0:
-                bwd_variants["plain"] = ("none", False)
-            for vname, (act, dropout) in bwd_variants.items():
+                variants.update({"plain": ("none", False), "relu": ("relu", False)})
+            for vname, (act, dropout) in variants.items():
+                dx = _config("dx", tile, _GROUP)
                 cases.append(GpuCompileCase(
-                    name=f"linear_bwd_dx {dname} {tag} {vname}{'+bias' if act != 'none' else ''}",
+                    name=f"linear_bwd_dx {dname} {_tile_name(tile)} {vname}{'+bias' if act != 'none' else ''}",
                     kernel=_linear_bwd_dx_kernel,
-                    args=(dtype, n, 1, dtype, n, 1, dtype, k, 1, dtype, k, flt, n,
-                          m, n, k, 2**40 + 12345, 0.1, 1.1111111, 1e-9),
-                    constexprs=dict(ACTIVATION=act, HAS_DROPOUT=dropout, NEED_DB=act != "none",
-                                    DOT_DTYPE=_TL[dtype], DOT_PRECISION="ieee", ACC=acc, **dx),
-                    grid=(triton.cdiv(m, dx["BLOCK_M"]) * triton.cdiv(k, dx["BLOCK_K"]),),
-                    num_warps=warps, num_stages=stages, expects_tensor_cores=tc))
+                    args=(dtype, n, 1, dtype, n, 1, dtype, k, 1, dtype, k, torch.float32, n,
+                          m, n, k, seed, p, scale_hi, scale_lo),
+                    constexprs=dict(ACTIVATION=act, HAS_DROPOUT=dropout, NEED_DB=act != "none", **common,
+                                    **dx.kwargs),
+                    grid=(triton.cdiv(m, tile.rows) * triton.cdiv(k, tile.cols),),
+                    num_warps=tile.warps, num_stages=tile.stages, expects_tensor_cores=tc))
+                dw = _config("dw", tile, _GROUP)
                 cases.append(GpuCompileCase(
-                    name=f"linear_bwd_dw {dname} {tag} {vname}",
+                    name=f"linear_bwd_dw {dname} {_tile_name(tile)} {vname}",
                     kernel=_linear_bwd_dw_kernel,
                     args=(dtype, n, 1, dtype, n, 1, dtype, k, 1, dtype, 0, k,
-                          m, n, k, m, 2**40 + 12345, 0.1, 1.1111111, 1e-9),
-                    constexprs=dict(ACTIVATION=act, HAS_DROPOUT=dropout, DOT_DTYPE=_TL[dtype],
-                                    DOT_PRECISION="ieee", ACC=acc, **dw),
-                    grid=(triton.cdiv(n, dw["BLOCK_N"]) * triton.cdiv(k, dw["BLOCK_K"]), 1),
-                    num_warps=warps, num_stages=stages, expects_tensor_cores=tc))
+                          m, n, k, m, seed, p, scale_hi, scale_lo),
+                    constexprs=dict(ACTIVATION=act, HAS_DROPOUT=dropout, **common, **dw.kwargs),
+                    grid=(triton.cdiv(n, tile.rows) * triton.cdiv(k, tile.cols), 1),
+                    num_warps=tile.warps, num_stages=tile.stages, expects_tensor_cores=tc))
+    for dtype in DTYPES:
+        dname = str(dtype).removeprefix("torch.")
         for tanh in (False, True):
             form = "tanh" if tanh else "erf"
-            cases.append(GpuCompileCase(
-                name=f"gelu_fwd {dname} {form}", kernel=_gelu_fwd_kernel, args=(dtype, dtype, m * n),
-                constexprs=dict(TANH=tanh, ACC=acc, BLOCK=GELU_BLOCK), grid=(triton.cdiv(m * n, GELU_BLOCK),),
-                num_warps=GELU_WARPS))
-            cases.append(GpuCompileCase(
-                name=f"gelu_bwd {dname} {form}", kernel=_gelu_bwd_kernel, args=(dtype, dtype, dtype, m * n),
-                constexprs=dict(TANH=tanh, ACC=acc, BLOCK=GELU_BLOCK), grid=(triton.cdiv(m * n, GELU_BLOCK),),
-                num_warps=GELU_WARPS))
+            constexprs = dict(TANH=tanh, ACC=_acc(dtype), BLOCK=GELU_BLOCK)
+            grid = (triton.cdiv(m * n, GELU_BLOCK),)
+            cases.append(GpuCompileCase(name=f"gelu_fwd {dname} {form}", kernel=_gelu_fwd_kernel,
+                                        args=(dtype, dtype, m * n), constexprs=constexprs, grid=grid,
+                                        num_warps=GELU_WARPS))
+            cases.append(GpuCompileCase(name=f"gelu_bwd {dname} {form}", kernel=_gelu_bwd_kernel,
+                                        args=(dtype, dtype, dtype, m * n), constexprs=constexprs, grid=grid,
+                                        num_warps=GELU_WARPS))
     return cases
+
+
+def _tile_name(tile: Tile) -> str:
+    return f"{tile.rows}x{tile.cols}x{tile.step} w{tile.warps} s{tile.stages}"
