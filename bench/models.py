@@ -1,0 +1,144 @@
+"""Benchmarks of whole models: a GPT-2-small-shaped engine.models.GPT (12 layers, 768 wide, 12 heads,
+vocabulary 50257, random weights, fp32, eval) against transformers' GPT2LMHeadModel with the same
+config and weights (eval, torch.no_grad, its default SDPA attention), and against the engine's own
+`reference` backend (engine.backends.use("reference"): the same model code on plain torch ops).
+
+    forward  logits of every position of a batch of 4 x 512 tokens: tokens/s = 4 * 512 / time.
+             FLOPs = 2 * tokens * (12 * L * C^2 + C * V)   (the products: qkv 3C^2, proj C^2, MLP 8C^2
+                     per layer, lm_head C * V)
+                   + 2 * L * B * S^2 * C                    (causal attention: q k^T and p v, half the
+                                                              square each: 4 * B * S^2 * C / 2 per layer)
+             Checked against the same model in float64 on the reference backend.
+    decode   greedy generation of 128 new tokens after a 32-token prompt, batch 1 and 8: tokens/s =
+             B * 128 / time (prefill included, as a user of generate sees it). engine: GPT.generate
+             (preallocated KV cache, attention_with_kv_cache); transformers: generate(do_sample=False)
+             with min_new_tokens = max_new_tokens so that both produce the same number of tokens.
+             "max err" of a decode row is the largest |token id difference| against transformers'
+             tokens: 0 means the same sequences.
+`--quick` runs 2 layers (same width and vocabulary), forward 4 x 128 and 32 new tokens.
+"""
+import copy
+
+import torch
+
+from bench.harness import Case
+from engine import backends
+from engine.models import GPT
+
+BASELINE = "transformers"
+GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
+QUICK_LAYERS = 2
+FORWARD_SHAPE, QUICK_FORWARD_SHAPE = (4, 512), (4, 128)
+PROMPT, NEW_TOKENS, QUICK_NEW_TOKENS = 32, 128, 32
+DECODE_BATCHES = (1, 8)
+
+_models: dict = {}
+_tokens: dict = {}  # (op, shape) -> tokens produced per call, for tokens/s in targets()
+
+
+def _pair(n_layer: int, device: torch.device):
+    """(transformers GPT2LMHeadModel, engine GPT with the same weights), fp32, eval; built once per
+    layer count and shared by the cases (1 GB of weights for 12 layers)."""
+    key = (n_layer, str(device))
+    if key not in _models:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        torch.manual_seed(0)
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**GPT2_SMALL, "n_layer": n_layer}))
+        hf = hf.to(device).eval()
+        _models[key] = (hf, GPT.from_hf(hf).to(device))
+    return _models[key]
+
+
+def _label(n_layer: int) -> str:
+    return "gpt2" if n_layer == GPT2_SMALL["n_layer"] else f"gpt2-{n_layer}L"
+
+
+def _forward_case(n_layer: int, batch: int, seq: int, device: torch.device) -> Case:
+    hf, ours = _pair(n_layer, device)
+    ids = torch.randint(0, GPT2_SMALL["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(1))
+    ids = ids.to(device)
+
+    def engine_auto():
+        with torch.no_grad():
+            return ours(ids)[0]
+
+    def engine_reference():
+        with torch.no_grad(), backends.use("reference"):
+            return ours(ids)[0]
+
+    def transformers_forward():
+        with torch.no_grad():
+            return hf(ids).logits
+
+    def expected():
+        model64 = copy.deepcopy(ours).double()
+        with torch.no_grad(), backends.use("reference"):
+            return model64(ids)[0]
+
+    c, v, tokens = GPT2_SMALL["n_embd"], GPT2_SMALL["vocab_size"], batch * seq
+    flops = 2 * tokens * (12 * n_layer * c * c + c * v) + 2 * n_layer * batch * seq * seq * c
+    op = f"{_label(n_layer)}_forward"
+    shape = f"{batch}x{seq}"
+    _tokens[(op, shape)] = tokens
+    return Case(op, "fwd", shape, torch.float32,
+                {"engine:auto": engine_auto, "engine:reference": engine_reference, BASELINE: transformers_forward},
+                expected, flops=flops, sweep={}, baseline=BASELINE)
+
+
+def _decode_case(n_layer: int, batch: int, new_tokens: int, device: torch.device) -> Case:
+    hf, ours = _pair(n_layer, device)
+    ids = torch.randint(0, GPT2_SMALL["vocab_size"], (batch, PROMPT), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+
+    def engine_auto():
+        return ours.generate(ids, new_tokens, top_k=1)
+
+    def engine_reference():
+        with backends.use("reference"):
+            return ours.generate(ids, new_tokens, top_k=1)
+
+    def transformers_generate():
+        with torch.no_grad():
+            return hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)
+
+    op = f"{_label(n_layer)}_greedy_decode"
+    shape = f"{batch}x({PROMPT}+{new_tokens})"
+    _tokens[(op, shape)] = batch * new_tokens
+    return Case(op, "fwd", shape, torch.float32,
+                {"engine:auto": engine_auto, "engine:reference": engine_reference, BASELINE: transformers_generate},
+                lambda: transformers_generate().double(), sweep={}, baseline=BASELINE)
+
+
+def cases(device: torch.device, quick: bool, backend_names: list[str]):
+    """backend_names is unused: the model runs every op on the automatic choice ("engine:auto")
+    and on the reference backend; single-backend runs would fail on ops a backend lacks."""
+    n_layer = QUICK_LAYERS if quick else GPT2_SMALL["n_layer"]
+    batch, seq = QUICK_FORWARD_SHAPE if quick else FORWARD_SHAPE
+    yield _forward_case(n_layer, batch, seq, device)
+    for b in DECODE_BATCHES:
+        yield _decode_case(n_layer, b, QUICK_NEW_TOKENS if quick else NEW_TOKENS, device)
+
+
+def targets(rows, ceilings) -> list[str]:
+    lines = []
+    model_rows = [r for r in rows if (r.op, r.shape) in _tokens]
+    for key in dict.fromkeys((r.op, r.shape) for r in model_rows):
+        group = {r.implementation: r for r in model_rows if (r.op, r.shape) == key}
+        tokens = _tokens[key]
+        rates = ", ".join(f"{name} {tokens / (r.median_ms / 1e3):,.1f}" for name, r in group.items())
+        engine = group.get("engine:auto")
+        if engine is None:
+            continue
+        goal = 2.0 if "decode" in key[0] else 1.3
+        what = "greedy generate" if "decode" in key[0] else "forward"
+        same = ""
+        if "decode" in key[0] and engine.max_error is not None:
+            same = "; tokens identical to transformers'" if engine.max_error == 0 else \
+                "; tokens DIFFER from transformers'"
+        lines.append(f"{key[0]} {key[1]} fp32 tokens/s: {rates}; engine {engine.speedup:.2f}x transformers' "
+                     f"{what} (target >= {goal}x){same}")
+    return lines
