@@ -24,6 +24,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <exception>
 #include <string>
 #include <type_traits>
@@ -145,11 +146,21 @@ void parallel_region(int threads, Body&& body) {
   if (error) std::rethrow_exception(error);
 }
 
-// Distributes [0, count) over the threads of a parallel_region, statically.
-template <typename Body>
-void for_each_static(int64_t count, int thread, int threads, Body&& body) {
-  for (int64_t i = thread; i < count; i += threads) body(i);
-}
+// Hands out [0, count) to the threads of a parallel_region one index at a time (a shared
+// counter): on a shared machine a descheduled thread then delays only its current tile, not a
+// fixed share of them.
+class WorkQueue {
+ public:
+  explicit WorkQueue(int64_t count) : count_(count) {}
+  template <typename Body>
+  void run(Body&& body) {
+    for (int64_t i = next_.fetch_add(1); i < count_; i = next_.fetch_add(1)) body(i);
+  }
+
+ private:
+  const int64_t count_;
+  std::atomic<int64_t> next_{0};
+};
 
 // The type the CPU GEMMs take for storage type T: fp32 for fp16 (see the file comment).
 template <typename T>
@@ -178,14 +189,16 @@ void cpu_linear_forward(const at::Tensor& x, const at::Tensor& weight, const at:
   // pre (the epilogue adds the bias in place) or, without activation, into out.
   const at::Tensor& destination = activation != Activation::kNone ? pre : out;
   const bool bias_in_gemm = bf16 && bias.defined();
-  const bool needs_epilogue = activation != Activation::kNone || (bias.defined() && !bias_in_gemm) ||
+  // (fp16 always: its product is in the fp32 tile buffer and the epilogue converts it into out)
+  const bool needs_epilogue = fp16 || activation != Activation::kNone || (bias.defined() && !bias_in_gemm) ||
                               dropout_p > 0 || residual.defined();
   const T* bias_data = bias.defined() && !bias_in_gemm ? static_cast<const T*>(bias.data_ptr()) : nullptr;
 
-  parallel_region(tiles.threads, [&](int thread) {
+  WorkQueue queue(tiles.row_count * tiles.col_count);
+  parallel_region(tiles.threads, [&](int) {
     std::vector<A> scratch(cpu::kTileScratch * tiles.cols);
     at::Tensor product_buffer = fp16 ? at::empty({tiles.rows, tiles.cols}, x_gemm.options()) : at::Tensor();
-    for_each_static(tiles.row_count * tiles.col_count, thread, tiles.threads, [&](int64_t index) {
+    queue.run([&](int64_t index) {
       const int64_t r0 = (index / tiles.col_count) * tiles.rows, c0 = (index % tiles.col_count) * tiles.cols;
       const int64_t rows = std::min(tiles.rows, m - r0), cols = std::min(tiles.cols, n - c0);
       const at::Tensor x_rows = x_gemm.narrow(0, r0, rows);
@@ -265,11 +278,12 @@ void cpu_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
     const Tiles tiles = plan_tiles(m, n, k, threads);
     const int64_t block_rows = tiles.rows;
     g = need_weight_grad ? new_output({m, n}, x.options().dtype(gemm_type)) : at::Tensor();
+    WorkQueue queue(tiles.row_count);
     parallel_region(threads, [&](int thread) {
       std::vector<acc_t<T>> scratch(cpu::kTileScratch * n);
       at::Tensor block = need_weight_grad ? at::Tensor() : at::empty({block_rows, n}, x.options().dtype(gemm_type));
       double* bias_grad = need_bias_grad ? static_cast<double*>(bias_partials.data_ptr()) + thread * n : nullptr;
-      for_each_static(tiles.row_count, thread, threads, [&](int64_t index) {
+      queue.run([&](int64_t index) {
         const int64_t r0 = index * block_rows, rows = std::min(block_rows, m - r0);
         at::Tensor g_rows = need_weight_grad ? g.narrow(0, r0, rows) : block.narrow(0, 0, rows);
         cpu::LinearBackwardTile<T, G> tile{};
@@ -353,7 +367,7 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
       args.rows = m;
       args.cols = n;
       args.activation = activation;
-      args.dropout_p = static_cast<float>(dropout_p);
+      args.dropout_p = dropout_p;
       args.seed = seed_bits;
       if (activation != Activation::kNone || args.bias || dropout_p > 0 || args.residual)
         cuda::linear_forward_epilogue(args, current_stream());
@@ -419,7 +433,7 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
         args.rows = m;
         args.cols = n;
         args.activation = activation;
-        args.dropout_p = static_cast<float>(dropout_p);
+        args.dropout_p = dropout_p;
         args.seed = seed_bits;
         cuda::linear_backward_prologue(args, current_stream());
       }

@@ -4,6 +4,7 @@
 namespace engine::bindings {
 void bind_layer_norm(pybind11::module& m);
 void bind_attention(pybind11::module& m);
+void bind_linear(pybind11::module& m);
 }  // namespace engine::bindings
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -15,4 +16,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   engine::bindings::bind_layer_norm(m);
   engine::bindings::bind_attention(m);
+  engine::bindings::bind_linear(m);
 }

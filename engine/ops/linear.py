@@ -84,6 +84,54 @@ backends.register(OP, "reference", _reference_forward, _reference_backward)
 backends.register(GELU_OP, "reference", _reference_gelu, _reference_gelu_backward)
 # (triton, cpu and cuda register here as their kernels land)
 
+from engine import _ext  # noqa: E402  (csrc/cpu/linear.cpp, csrc/cuda/linear.cu, csrc/bindings/bind_linear.cpp)
+
+
+def _cpp_forward(kind: str):
+    def forward(x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask):
+        out, pre, keep = _ext.load(kind).linear_forward(x, weight, bias, activation, dropout_p, seed, residual,
+                                                        return_dropout_mask)
+        return (out, pre if activation != "none" else None,
+                keep if return_dropout_mask and dropout_p > 0 else None)
+    return forward
+
+
+def _cpp_backward(kind: str):
+    def backward(grad_out, x, weight, pre_activation, activation, dropout_p, seed, need_weight_grad, need_bias_grad):
+        dx, dweight, dbias = _ext.load(kind).linear_backward(grad_out, x, weight, pre_activation, activation,
+                                                             dropout_p, seed, need_weight_grad, need_bias_grad)
+        return dx, (dweight if need_weight_grad else None), (dbias if need_bias_grad else None)
+    return backward
+
+
+def _cpp_supports(x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask) -> Optional[str]:
+    # csrc/cpu and csrc/cuda: any float dtype; the dropout counters (n, m) are 32-bit.
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
+    if x.shape[0] >= 2**31 or weight.shape[0] >= 2**31:
+        return f"{x.shape[0]} rows x {weight.shape[0]} outputs: the C++ kernels take fewer than 2^31 of each"
+    return None
+
+
+def _cpp_gelu(kind: str):
+    def forward(x, approximate):
+        return _ext.load(kind).gelu_forward(x, approximate)
+
+    def backward(grad_y, x, approximate):
+        return _ext.load(kind).gelu_backward(grad_y, x, approximate)
+    return forward, backward
+
+
+def _cpp_gelu_supports(x, approximate) -> Optional[str]:
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
+    return None
+
+
+for _kind in ("cpu", "cuda"):
+    backends.register(OP, _kind, _cpp_forward(_kind), _cpp_backward(_kind), _cpp_supports)
+    backends.register(GELU_OP, _kind, *_cpp_gelu(_kind), _cpp_gelu_supports)
+
 
 # ---------------------------------------------------------------------------------------------
 # Autograd: custom ops. The dropout seed is drawn inside the forward op from torch's default
