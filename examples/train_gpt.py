@@ -1,6 +1,6 @@
 """Train a small GPT on CPU on the documentation text bundled with Python, with a byte tokenizer.
 
-    python examples/train_gpt.py                 # about 2-4 minutes on 2 CPU cores
+    python examples/train_gpt.py                 # about 3 minutes on 2 busy CPU cores
     python examples/train_gpt.py --steps 2000 --n-layer 6 --n-embd 192
 
 The text is pydoc_data.topics (the pages `help()` shows; every CPython install has it, so nothing
@@ -17,7 +17,15 @@ import os
 import sys
 import time
 
-import torch
+# OpenMP worker threads spin while they wait for work (OMP_WAIT_POLICY=ACTIVE, the default). When
+# the cores are shared with other busy processes, a spinning thread holds a core that the thread it
+# waits for needs, and each parallel region can cost a scheduler time slice: on this project's
+# 2-core VM at load average 10, 20 training steps took 107 s with spinning waits and 10 s with
+# sleeping ones. So the example asks for sleeping waits unless you set OMP_WAIT_POLICY yourself
+# (on an idle machine, ACTIVE may be slightly faster). It must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 
