@@ -121,6 +121,7 @@ def cases(device: torch.device, quick: bool, backend_names: list[str]):
     yield _forward_case(n_layer, batch, seq, device)
     for b in DECODE_BATCHES:
         yield _decode_case(n_layer, b, QUICK_NEW_TOKENS if quick else NEW_TOKENS, device)
+    yield from bert_cases(device, quick, backend_names)  # the BERT section below
 
 
 def targets(rows, ceilings) -> list[str]:
@@ -141,4 +142,107 @@ def targets(rows, ceilings) -> list[str]:
                 "; tokens DIFFER from transformers'"
         lines.append(f"{key[0]} {key[1]} fp32 tokens/s: {rates}; engine {engine.speedup:.2f}x transformers' "
                      f"{what} (target >= {goal}x){same}")
+    return lines + bert_targets(rows, ceilings)
+
+
+# =============================================================================================
+# BERT-base-shaped encoder: engine.models.BERT against transformers' BertModel with the same
+# config and weights (12 layers, 768 wide, 12 heads, FFN 3072, vocabulary 30522, random weights,
+# fp32), eval mode, torch.no_grad, last hidden states of a batch of 8 x 128 tokens, without and with
+# padding (right padding, lengths uniform in [64, 128]). sequences/s = 8 / time.
+# Implementations: "engine:auto" (engine.models.BERT, automatic backend choice), "engine:reference"
+# (the same model on the reference backend), "transformers" (BertModel, its default SDPA attention;
+# the baseline), "transformers+engine.optimize" (that BertModel with its attention, output, MLP and
+# norm modules swapped by engine.optimize). Checked against transformers' BertModel in float64.
+# FLOPs (matrix products; B sequences of S tokens, width H, FFN width I, L layers; padding counted,
+# as every implementation computes it): L * (8*B*S*H^2 + 4*B*S*H*I + 4*B*S^2*H) = q, k, v and
+# output projections 4 * 2BSH^2, the FFN 2 * 2BSHI, q k^T and p v 2 * 2BS^2H.
+# `--quick` runs 2 layers (same width).
+
+BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                 vocab_size=30522)
+BERT_SHAPE = (8, 128)
+_bert_cache: dict = {}
+_bert_sequences: dict = {}  # (op, shape) -> sequences per call, for sequences/s in bert_targets()
+
+
+def _bert_models(n_layer: int, device: torch.device):
+    """(transformers BertModel, engine BERT with its weights, a BertModel copy after
+    engine.optimize), built once per layer count."""
+    key = (n_layer, str(device))
+    if key not in _bert_cache:
+        import transformers
+
+        import engine
+        from engine.models import BERT
+
+        transformers.logging.set_verbosity_error()
+        torch.manual_seed(0)
+        config = transformers.BertConfig(**{**BERT_BASE, "num_hidden_layers": n_layer})
+        hf = transformers.BertModel(config, add_pooling_layer=False).to(device).eval()
+        optimized = copy.deepcopy(hf)
+        engine.optimize(optimized)
+        _bert_cache[key] = (hf, BERT.from_hf(hf).to(device), optimized)
+    return _bert_cache[key]
+
+
+def _bert_forward_case(n_layer: int, padded: bool, device: torch.device) -> Case:
+    hf, ours, optimized = _bert_models(n_layer, device)
+    b, s = BERT_SHAPE
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, BERT_BASE["vocab_size"], (b, s), generator=g).to(device)
+    mask = None
+    if padded:
+        lengths = torch.randint(s // 2, s + 1, (b,), generator=g)
+        lengths[0] = s
+        mask = (torch.arange(s)[None] < lengths[:, None]).long().to(device)
+
+    def engine_auto():
+        with torch.no_grad():
+            return ours.encode(ids, attention_mask=mask)
+
+    def engine_reference():
+        with torch.no_grad(), backends.use("reference"):
+            return ours.encode(ids, attention_mask=mask)
+
+    def transformers_forward(model=hf):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def expected():
+        model64 = copy.deepcopy(hf).double()
+        with torch.no_grad():
+            return model64(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    h, i = BERT_BASE["hidden_size"], BERT_BASE["intermediate_size"]
+    flops = n_layer * (8 * b * s * h * h + 4 * b * s * h * i + 4 * b * s * s * h)
+    op = "bert_forward" if n_layer == BERT_BASE["num_hidden_layers"] else f"bert-{n_layer}L_forward"
+    shape = f"{b}x{s}" + (" padded" if padded else "")
+    _bert_sequences[(op, shape)] = b
+    return Case(op, "fwd", shape, torch.float32,
+                {"engine:auto": engine_auto, "engine:reference": engine_reference, BASELINE: transformers_forward,
+                 "transformers+engine.optimize": lambda: transformers_forward(optimized)},
+                expected, flops=flops, sweep={}, baseline=BASELINE)
+
+
+def bert_cases(device: torch.device, quick: bool, backend_names: list[str]):
+    """The BERT forward cases (backend_names unused, as in cases())."""
+    n_layer = QUICK_LAYERS if quick else BERT_BASE["num_hidden_layers"]
+    for padded in (False, True):
+        yield _bert_forward_case(n_layer, padded, device)
+
+
+def bert_targets(rows, ceilings) -> list[str]:
+    """sequences/s of every implementation and the engine's ratio to transformers' BertModel."""
+    lines = []
+    bert_rows = [r for r in rows if (r.op, r.shape) in _bert_sequences]
+    for key in dict.fromkeys((r.op, r.shape) for r in bert_rows):
+        group = {r.implementation: r for r in bert_rows if (r.op, r.shape) == key}
+        sequences = _bert_sequences[key]
+        rates = ", ".join(f"{name} {sequences / (r.median_ms / 1e3):,.2f}" for name, r in group.items())
+        engine = group.get("engine:auto")
+        if engine is None:
+            continue
+        lines.append(f"{key[0]} {key[1]} fp32 sequences/s: {rates}; engine {engine.speedup:.2f}x transformers' "
+                     f"BertModel")
     return lines
