@@ -252,3 +252,31 @@ def test_bert_model_leaves_what_it_cannot_serve():
         got, expected = model(input_ids=ids), reference(input_ids=ids)
     torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=ATOL, rtol=1e-4)
     torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=ATOL, rtol=1e-4)
+
+
+def test_gpt2_cross_attention_and_its_cache():
+    """GPT-2 with cross-attention (add_cross_attention): the swapped cross-attention attends the
+    encoder states under their padding mask, and on the next step reuses the keys/values it
+    stored in transformers' EncoderDecoderCache."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=32,
+                                     add_cross_attention=True, bos_token_id=1, eos_token_id=2)
+    model = perturbed(transformers.GPT2LMHeadModel(config))
+    reference = copy.deepcopy(model)
+    summary = engine.optimize(model)
+    assert summary.counts()["GPT2Attention -> engine.optimize.EngineGPT2Attention"] == 4
+    ids = torch.randint(3, 101, (2, 6))
+    encoder_states = torch.randn(2, 9, 64)
+    encoder_mask = torch.ones(2, 9, dtype=torch.long)
+    encoder_mask[1, 5:] = 0
+    step = torch.randint(3, 101, (2, 1))
+    outputs = []
+    with torch.no_grad():
+        for m in (model, reference):
+            first = m(input_ids=ids, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
+                      use_cache=True)
+            second = m(input_ids=step, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
+                       cache=first.cache, use_cache=True)
+            outputs.append((first.logits, second.logits))
+    for got, expected in zip(*outputs):
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
