@@ -15,9 +15,13 @@
 //   host double      std::erfc and std::exp (correctly rounded or nearly)
 //   host float       the polynomial approximations below, written without branches or calls so
 //                    that `#pragma omp simd` loops vectorize them (libm's erff/expf would not
-//                    vectorize without -ffast-math). Max errors against the float64 functions,
-//                    measured over 10^8 float32 inputs in [-20, 20] (see the report of issue 4):
-//                    Phi, gelu, gelu' within a few ulp of the result.
+//                    vectorize without -ffast-math). Max errors against float64 math, measured on
+//                    1.7e7 random float32 inputs in [-20, 20] plus a 1e-5-step sweep of [-14, 14]:
+//                    exp 1.0 ulp; Phi 5.7 ulp (relative, lower tail included); gelu 6.7 ulp;
+//                    gelu' 5.2 ulp of its larger term (Phi or x phi; it crosses 0 at x = -0.75);
+//                    gelu_tanh and its derivative within 5.2e-7 / 2.2e-7 absolute; relative
+//                    errors grow as |2u| * 2^-24 in the lower tail (the rounding of u in fp32;
+//                    torch's fp32 form 0.5 x (1 + tanh(u)) loses everything there to cancellation).
 #pragma once
 
 #include <cmath>
