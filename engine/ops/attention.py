@@ -85,14 +85,16 @@ from engine import _ext  # noqa: E402  (csrc/cpu/attention.cpp, csrc/cuda/attent
 
 def attention_cpp_supports(kind: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Optional[str]:
     """Limits of the C++ kernels ("cpu" or "cuda"): None when they can run the call, else why not.
-    cpu: fp16/bf16/fp32/fp64, any head dims. cuda: fp16/bf16/fp32 (tensor cores for the 16-bit
-    types), head dims up to 256. Both: masks bool or float, lengths below 2^31 (the dropout
-    counters are 32-bit)."""
+    cpu: fp16/bf16/fp32/fp64, any head dims. cuda: fp16/bf16 (tensor cores) with head dims up to
+    256, fp32 (FMA; its tiles take twice the shared memory) up to 128; no fp64. Both: masks bool
+    or float, lengths below 2^31 (the dropout counters are 32-bit)."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if kind == "cpu" else ())
     if q.dtype not in dtypes:
         return f"dtype {q.dtype} is not one of {', '.join(str(d) for d in dtypes)}"
-    if kind == "cuda" and max(q.shape[-1], v.shape[-1]) > 256:
-        return f"head dims {q.shape[-1]}/{v.shape[-1]} exceed 256"
+    widest = max(q.shape[-1], v.shape[-1])
+    limit = 128 if q.dtype == torch.float32 else 256
+    if kind == "cuda" and widest > limit:
+        return f"head dims {q.shape[-1]}/{v.shape[-1]} exceed {limit} ({q.dtype} on cuda)"
     if mask is not None and not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
         return f"mask dtype {mask.dtype} is neither bool nor floating point"
     if max(q.shape[2], k.shape[2]) >= 2**31:
