@@ -82,12 +82,14 @@ def _dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, AC
 
 
 @triton.jit
-def _gelu_tanh_gate(x):
-    """s = (1 + tanh(u)) / 2 = sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): torch's tanh-form
-    GeLU is x * s. One exp and no cancellation in 1 + tanh for negative u; exp overflowing to
-    inf for very negative u gives s = 0, as it should."""
+def _gelu_tanh_parts(x):
+    """(s, e) with s = (1 + tanh(u)) / 2 = 1 / (1 + e), e = exp(-2u), u = sqrt(2/pi) (x + 0.044715 x^3):
+    torch's tanh-form GeLU is x * s. One exp, and no cancellation: 1 - s = e * s exactly, where
+    1 - tanh(u)^2 computed directly loses digits as s -> 1. The exponent is capped at 80 (e stays
+    finite in fp32; s = 1.8e-35 there, and below it the GeLU is smaller still)."""
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 1.0 / (1.0 + tl.exp(-2.0 * u))
+    e = tl.exp(tl.minimum(-2.0 * u, 80.0))
+    return 1.0 / (1.0 + e), e
 
 
 @triton.jit
@@ -96,7 +98,8 @@ def _activate(x, ACTIVATION: tl.constexpr):
     if ACTIVATION == "gelu":
         return 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
     elif ACTIVATION == "gelu_tanh":
-        return x * _gelu_tanh_gate(x)
+        s, _ = _gelu_tanh_parts(x)
+        return x * s
     elif ACTIVATION == "relu":
         return tl.maximum(x, 0.0)
     else:
@@ -112,9 +115,10 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
                 + x * tl.exp(-0.5 * x * x) * 0.3989422804014327)
     elif ACTIVATION == "gelu_tanh":
         # y = x s, s = sigmoid(2u), u = c (x + a x^3): y' = s + x * 2 s (1 - s) c (1 + 3 a x^2)
-        # (= (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2 of the reference, t = tanh(u) = 2s - 1)
-        s = _gelu_tanh_gate(x)
-        return s + x * s * (1.0 - s) * (2.0 * 0.7978845608028654) * (1.0 + 0.134145 * x * x)
+        # (= (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2 of the reference, t = tanh(u) = 2s - 1),
+        # with s (1 - s) = e s^2
+        s, e = _gelu_tanh_parts(x)
+        return s + x * (e * s * s) * (2.0 * 0.7978845608028654) * (1.0 + 0.134145 * x * x)
     elif ACTIVATION == "relu":
         return tl.where(x > 0, 1.0, 0.0)
     else:
@@ -132,6 +136,22 @@ def _dropout_keep(seed, m, n, dropout_p):
     zero = c0 * 0
     word, _, _, _ = tl.philox(seed, c0, c1, zero, zero)
     return tl.uint_to_uniform_float(word) >= dropout_p
+
+
+@triton.jit
+def _rounded(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
+    """x cast to the stored dtype DTYPE, rounding to nearest even as the GPU does. The
+    interpreter's fp32 -> bf16 cast truncates instead (up to 1 ulp off), so under INTERPRET bf16
+    is rounded on the bits: add 0x7FFF plus the lowest kept bit, keep the high 16 bits."""
+    if INTERPRET:
+        if DTYPE == tl.bfloat16:
+            bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(DTYPE)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit
@@ -172,7 +192,7 @@ def _epilogue(acc, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT,
               seed, dropout_p, scale_hi, scale_lo,
               ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, STORE_PRE: tl.constexpr, STORE_MASK: tl.constexpr, ACC: tl.constexpr,
-              WIDTH: tl.constexpr):
+              WIDTH: tl.constexpr, INTERPRET: tl.constexpr):
     """The forward's epilogue on an accumulator slice acc [BM, WIDTH] of rows offs_m [BM] (int64)
     and columns first_col + [0, WIDTH): + bias, store pre-activation, activation, dropout (store
     mask), + residual, store out."""
@@ -183,7 +203,7 @@ def _epilogue(acc, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT,
     if HAS_BIAS:
         acc += tl.load(B + offs_n * stride_b, mask=offs_n < N, other=0.0).to(ACC)[None, :]
     if STORE_PRE:
-        tl.store(PRE + m2 * stride_om + n2, acc.to(PRE.dtype.element_ty), mask=inside)
+        tl.store(PRE + m2 * stride_om + n2, _rounded(acc, PRE.dtype.element_ty, INTERPRET), mask=inside)
     y = _activate(acc, ACTIVATION)
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, m2, n2, dropout_p)
@@ -192,7 +212,7 @@ def _epilogue(acc, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT,
             tl.store(KEEP + m2 * stride_om + n2, keep.to(tl.uint8), mask=inside)
     if HAS_RESIDUAL:
         y += tl.load(R + m2 * stride_rm + n2 * stride_rn, mask=inside, other=0.0).to(ACC)
-    tl.store(OUT + m2 * stride_om + n2, y.to(OUT.dtype.element_ty), mask=inside)
+    tl.store(OUT + m2 * stride_om + n2, _rounded(y, OUT.dtype.element_ty, INTERPRET), mask=inside)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,6 +238,7 @@ def _linear_fwd_kernel(
     DOT_DTYPE: tl.constexpr,        # tl.dot operand dtype: x's on GPU; interpreter: see _dot_dtype
     DOT_PRECISION: tl.constexpr,    # "ieee" (only matters for fp32 operands)
     ACC: tl.constexpr,              # accumulator dtype: fp32, fp64 for fp64 data
+    INTERPRET: tl.constexpr,        # running in the Triton interpreter (see _rounded, _dot_dtype)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,  # output tile, K step
     GROUP: tl.constexpr,            # row tiles per group of the program order
     EPILOGUE_SPLIT: tl.constexpr,   # 1 or 4 column slices for an epilogue with an activation
@@ -252,7 +273,7 @@ def _linear_fwd_kernel(
     if SLICES == 1:
         _epilogue(acc, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om,
                   M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, HAS_DROPOUT,
-                  STORE_PRE, STORE_MASK, ACC, BLOCK_N)
+                  STORE_PRE, STORE_MASK, ACC, BLOCK_N, INTERPRET)
     else:
         tl.static_assert(SLICES == 4, "EPILOGUE_SPLIT is 1 or 4")
         half: tl.constexpr = BLOCK_N // 2
@@ -261,17 +282,17 @@ def _linear_fwd_kernel(
         q0, q1 = _split_columns(left, BLOCK_M, half)
         _epilogue(q0, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om,
                   M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, HAS_DROPOUT,
-                  STORE_PRE, STORE_MASK, ACC, quarter)
+                  STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
         _epilogue(q1, offs_m, first_col + quarter, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
                   stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
-                  HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter)
+                  HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
         q2, q3 = _split_columns(right, BLOCK_M, half)
         _epilogue(q2, offs_m, first_col + half, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
                   stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
-                  HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter)
+                  HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
         _epilogue(q3, offs_m, first_col + half + quarter, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
                   stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
-                  HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter)
+                  HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -286,7 +307,7 @@ def _linear_bwd_dx_kernel(
     seed: tl.int64, dropout_p, scale_hi, scale_lo,   # the forward's dropout (see the forward)
     ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     NEED_DB: tl.constexpr,          # programs of the first K tile also write partial bias sums
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,    # dx tile [BLOCK_M, BLOCK_K]
     BLOCK_N: tl.constexpr,          # step of the reduction over N
     GROUP: tl.constexpr,
@@ -310,7 +331,8 @@ def _linear_bwd_dx_kernel(
                     mask=(n[:, None] < N) & (offs_k[None, :] < K), other=0.0)                     # [BN, BK]
         acc = _dot_acc(g, w, acc, DOT_DTYPE, DOT_PRECISION, ACC)
     inside = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(DX.dtype.element_ty), mask=inside)
+    tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :], _rounded(acc, DX.dtype.element_ty, INTERPRET),
+             mask=inside)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -324,7 +346,7 @@ def _linear_bwd_dw_kernel(
     rows_per_split,                 # split s reduces rows [s * rows_per_split, (s+1) * rows_per_split)
     seed: tl.int64, dropout_p, scale_hi, scale_lo,   # the forward's dropout (see the forward)
     ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,    # dW tile [BLOCK_N, BLOCK_K]
     BLOCK_M: tl.constexpr,          # step of the reduction over M
     GROUP: tl.constexpr,
@@ -350,7 +372,7 @@ def _linear_bwd_dw_kernel(
         acc = _dot_acc(g_t, x, acc, DOT_DTYPE, DOT_PRECISION, ACC)
     inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
     tl.store(DW + split * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :],
-             acc.to(DW.dtype.element_ty), mask=inside)
+             _rounded(acc, DW.dtype.element_ty, INTERPRET), mask=inside)
 
 
 @triton.jit
@@ -360,6 +382,7 @@ def _gelu_fwd_kernel(
     n,                              # number of elements
     TANH: tl.constexpr,             # torch's approximate="tanh" form, else the erf form
     ACC: tl.constexpr,              # fp32, fp64 for fp64 data
+    INTERPRET: tl.constexpr,        # running in the Triton interpreter (see _rounded)
     BLOCK: tl.constexpr,            # elements per program
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -369,7 +392,7 @@ def _gelu_fwd_kernel(
         y = _activate(x, "gelu_tanh")
     else:
         y = _activate(x, "gelu")
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, _rounded(y, Y.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -378,7 +401,7 @@ def _gelu_bwd_kernel(
     X,                              # [n] contiguous forward input
     DX,                             # [n] contiguous output: gradient of x
     n,                              # number of elements
-    TANH: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,   # as in the forward
+    TANH: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr,  # as in the forward
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -388,7 +411,7 @@ def _gelu_bwd_kernel(
         dx = dy * _activation_grad(x, "gelu_tanh")
     else:
         dx = dy * _activation_grad(x, "gelu")
-    tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+    tl.store(DX + offs, _rounded(dx, DX.dtype.element_ty, INTERPRET), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -584,7 +607,7 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         int(seed), p, scale_hi, scale_lo,
         ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         HAS_DROPOUT=has_dropout, STORE_PRE=store_pre, STORE_MASK=store_mask,
-        DOT_DTYPE=_dot_dtype(x.dtype), DOT_PRECISION="ieee", ACC=_acc(x.dtype),
+        DOT_DTYPE=_dot_dtype(x.dtype), DOT_PRECISION="ieee", ACC=_acc(x.dtype), INTERPRET=INTERPRET,
     )
     return out, pre, (keep.view(torch.bool) if keep is not None else None)
 
@@ -621,7 +644,7 @@ def linear_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     act = activation if activation in ACTIVATIONS else "none"
     pre = pre_activation if act != "none" else grad_out
     common = dict(ACTIVATION=act, HAS_DROPOUT=has_dropout, DOT_DTYPE=_dot_dtype(x.dtype),
-                  DOT_PRECISION="ieee", ACC=_acc(x.dtype))
+                  DOT_PRECISION="ieee", ACC=_acc(x.dtype), INTERPRET=INTERPRET)
     if m == 0 or n == 0:
         dx.zero_()
         dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else None
@@ -685,7 +708,8 @@ def gelu_fwd(x: torch.Tensor, approximate: str) -> torch.Tensor:
     n = x.numel()
     if n:
         _gelu_fwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](
-            x, y, n, TANH=approximate == "tanh", ACC=_acc(x.dtype), BLOCK=GELU_BLOCK, num_warps=GELU_WARPS)
+            x, y, n, TANH=approximate == "tanh", ACC=_acc(x.dtype), INTERPRET=INTERPRET, BLOCK=GELU_BLOCK,
+            num_warps=GELU_WARPS)
     return y
 
 
@@ -697,7 +721,7 @@ def gelu_bwd(grad_y: torch.Tensor, x: torch.Tensor, approximate: str) -> torch.T
     n = x.numel()
     if n:
         _gelu_bwd_kernel[(triton.cdiv(n, GELU_BLOCK),)](
-            grad_y, x, dx, n, TANH=approximate == "tanh", ACC=_acc(x.dtype), BLOCK=GELU_BLOCK,
+            grad_y, x, dx, n, TANH=approximate == "tanh", ACC=_acc(x.dtype), INTERPRET=INTERPRET, BLOCK=GELU_BLOCK,
             num_warps=GELU_WARPS)
     return dx
 
@@ -721,7 +745,7 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
     cases = []
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         dname = str(dtype).removeprefix("torch.")
-        common = dict(DOT_DTYPE=_TL[dtype], DOT_PRECISION="ieee", ACC=tl.float32)
+        common = dict(DOT_DTYPE=_TL[dtype], DOT_PRECISION="ieee", ACC=tl.float32, INTERPRET=False)
         tc = dtype != torch.float32
         for i, tile in enumerate(_tiles_for(dtype, "fwd")):
             cfg = _config("fwd", tile, _GROUP)
@@ -769,7 +793,7 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
         dname = str(dtype).removeprefix("torch.")
         for tanh in (False, True):
             form = "tanh" if tanh else "erf"
-            constexprs = dict(TANH=tanh, ACC=_acc(dtype), BLOCK=GELU_BLOCK)
+            constexprs = dict(TANH=tanh, ACC=_acc(dtype), INTERPRET=False, BLOCK=GELU_BLOCK)
             grid = (triton.cdiv(m * n, GELU_BLOCK),)
             cases.append(GpuCompileCase(name=f"gelu_fwd {dname} {form}", kernel=_gelu_fwd_kernel,
                                         args=(dtype, dtype, m * n), constexprs=constexprs, grid=grid,
