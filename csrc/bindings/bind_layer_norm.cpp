@@ -57,7 +57,7 @@ std::vector<at::Tensor> layer_norm_forward(const at::Tensor& x, const c10::optio
     if (x.is_cuda()) return cuda::layer_norm_forward(args, current_stream());
 #endif
     TORCH_CHECK(x.is_cpu(), "layer_norm: this build runs CPU tensors only");
-    cpu::layer_norm_forward(args, cpu_threads());
+    cpu::layer_norm_forward(args, cpu_threads(rows * cols));
   });
   return {y, sum, mean, rstd};
 }
@@ -77,7 +77,7 @@ std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad_y, const c10:
 #ifdef ENGINE_WITH_CUDA
   if (x.is_cuda()) partials = cuda::layer_norm_backward_blocks(rows);
 #endif
-  if (x.is_cpu()) partials = cpu_threads();
+  if (x.is_cpu()) partials = cpu_threads(rows * cols);
   const auto acc_options = x.options().dtype(accumulator_dtype(x.scalar_type()));
   at::Tensor dx = at::empty({rows, cols}, x.options());
   at::Tensor dweight_partial = need_weight_grad ? at::zeros({partials, cols}, acc_options) : at::Tensor();
@@ -106,7 +106,7 @@ std::vector<at::Tensor> layer_norm_backward(const at::Tensor& grad_y, const c10:
     if (x.is_cuda()) return cuda::layer_norm_backward(args, current_stream());
 #endif
     TORCH_CHECK(x.is_cpu(), "layer_norm: this build runs CPU tensors only");
-    cpu::layer_norm_backward(args, cpu_threads());
+    cpu::layer_norm_backward(args, cpu_threads(rows * cols));
   });
   const auto grad_dtype = weight.has_value() ? weight->scalar_type() : x.scalar_type();
   at::Tensor dweight = need_weight_grad ? dweight_partial.sum(0).to(grad_dtype) : at::Tensor();

@@ -45,6 +45,12 @@ inline at::ScalarType accumulator_dtype(at::ScalarType dtype) {
 // OpenMP threads for CPU kernels: torch's intra-op thread count (torch.set_num_threads).
 inline int cpu_threads() { return at::get_num_threads(); }
 
+// Threads for a call that touches `elements` values: one below kParallelElements, where
+// waking the OpenMP team (microseconds when it spins, far more when its threads sleep or the
+// machine is shared) costs more than the work itself, as in a decode step's single rows.
+constexpr int64_t kParallelElements = int64_t(1) << 15;
+inline int cpu_threads(int64_t elements) { return elements < kParallelElements ? 1 : cpu_threads(); }
+
 #ifdef ENGINE_WITH_CUDA
 inline void* current_stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 #endif
