@@ -14,8 +14,9 @@
 // computes its product with one single-threaded BLAS call (at::mm_out inside the parallel
 // region; ATen and MKL run single-threaded when nested), then runs the epilogue on the tile
 // while it is still in cache. Backward: each thread takes a block of rows, computes g on it
-// (prologue) and right away dx for those rows = g_rows @ W; dW = g^T @ x is one multithreaded
-// product over the whole g, and the bias gradient comes from per-thread partial column sums.
+// (prologue) and right away dx for those rows = g_rows @ W; dW = g^T @ x then runs as blocks of
+// dW rows (tiled_mm: each thread owns its rows, no partial sums), and the bias gradient comes
+// from per-thread partial column sums.
 // fp16 products run in fp32 (fp32 copies of x and W: torch's fp16 CPU GEMM is ~4x slower than its
 // fp32 GEMM on AVX-512 machines without fp16 FMA); bf16 products run on torch's bf16 GEMM (oneDNN),
 // which also adds the bias (so that pre is rounded once, as in torch's own bf16 F.linear).
@@ -162,6 +163,29 @@ class WorkQueue {
   std::atomic<int64_t> next_{0};
 };
 
+// out [R, C] = a [R, I] @ b [I, C], the rows of out cut into blocks of at most kTileRows, each
+// block one single-threaded BLAS call, handed out through a WorkQueue (a multiple of `threads`
+// blocks: even shares). On this 2-core VM this matches MKL's own threading when the machine is
+// quiet and beats it when other processes compete for the cores: MKL splits a product into
+// fixed per-thread shares and waits for the slowest, the queue lets a running thread take over
+// the blocks of a descheduled one.
+void tiled_mm(at::Tensor out, const at::Tensor& a, const at::Tensor& b, int threads) {
+  const int64_t rows = out.size(0);
+  if (rows == 0) return;
+  int64_t count = std::max<int64_t>(ceil_div(rows, kTileRows), 1);
+  count = std::min(rows, ceil_div(count, threads) * threads);
+  const int64_t block = ceil_div(rows, count);
+  count = ceil_div(rows, block);
+  WorkQueue queue(count);
+  parallel_region(static_cast<int>(std::min<int64_t>(threads, count)), [&](int) {
+    queue.run([&](int64_t index) {
+      const int64_t r0 = index * block, n = std::min(block, rows - r0);
+      at::Tensor out_rows = out.narrow(0, r0, n);
+      at::mm_out(out_rows, a.narrow(0, r0, n), b);
+    });
+  });
+}
+
 // The type the CPU GEMMs take for storage type T: fp32 for fp16 (see the file comment).
 template <typename T>
 using gemm_t = std::conditional_t<std::is_same_v<T, half>, float, T>;
@@ -262,7 +286,7 @@ void cpu_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
 
   if (identity) {
     g = fp16 ? grad.to(at::kFloat) : grad;
-    at::mm_out(dx_gemm, g, w_gemm);
+    tiled_mm(dx_gemm, g, w_gemm, threads);
     if (need_bias_grad) {
       // Columns split over the threads: each owns its slice of the sums.
       const int64_t per_thread = (n + threads - 1) / threads;
@@ -309,7 +333,9 @@ void cpu_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const 
     });
   }
   if (need_weight_grad) {
-    at::Tensor dw = at::mm(g.t(), x_gemm);
+    // dW [N, K] = g^T [N, M] @ x [M, K]: blocks of dW rows (columns of g), no partial sums.
+    at::Tensor dw = at::empty({n, k}, x_gemm.options());
+    tiled_mm(dw, g.t(), x_gemm, threads);
     dweight = dw.scalar_type() == weight.scalar_type() ? dw : dw.to(weight.scalar_type());
   }
   if (need_bias_grad) dbias = bias_partials.sum(0).to(weight.scalar_type());
