@@ -21,7 +21,12 @@ REPO = Path(__file__).resolve().parent.parent
 # Hook for CUDA kernels that do matrix products: a report whose kernel name ("file.cu:ns::kernel<T>")
 # contains one of these must use tensor cores (HMMA on sm80, HGMMA = wgmma on sm90). Triton cases
 # say so themselves with GpuCompileCase(expects_tensor_cores=True).
-CUDA_EXPECTS_TENSOR_CORES: set[str] = set()
+CUDA_EXPECTS_TENSOR_CORES: set[str] = {
+    # csrc/cuda/attention.cu: the fp16/bf16 tile kernels (mma.sync on sm80, wgmma on sm90a)
+    f"attention.cu:engine::cuda::attention_detail::{kernel}<engine::{dtype},"
+    for kernel in ("attention_forward_kernel", "attention_dkdv_kernel", "attention_dq_kernel")
+    for dtype in ("half", "bfloat16")
+}
 
 
 def _readiness(*args: str, timeout: float) -> subprocess.CompletedProcess:

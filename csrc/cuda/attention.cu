@@ -15,10 +15,17 @@
 // block, and every per-element quantity (scores, probabilities, output) lives in registers in the
 // accumulator layout of mma.m16n8k16: for the 8-column tile n of a warp's 16 x N block, lane
 // (g = lane / 4, t = lane % 4) holds rows g and g + 8, columns 8 n + 2 t and 8 n + 2 t + 1.
-// Two implementations of the two warp-level products share everything else:
-//   fp16 / bf16: tensor cores (mma.sync m16n8k16, operands from shared memory by ldmatrix; the
-//                probabilities go from the accumulators straight into A fragments);
-//   fp32:        plain FMAs over shared memory (tensor cores would round fp32 inputs to tf32).
+// Three implementations of the two products (scores A B^T and accumulation P B) share everything
+// else:
+//   fp16 / bf16, sm_80+:  warp-level tensor cores (mma.sync m16n8k16, operands from shared memory
+//                         by ldmatrix; the probabilities go from the accumulators straight into A
+//                         fragments);
+//   fp16 / bf16, sm_90a:  warpgroup tensor cores (wgmma m64nNk16: the 4 warps are one warpgroup;
+//                         A from registers as above, B from shared memory tiles stored in the
+//                         no-swizzle K-major core-matrix layout and addressed by descriptors). The
+//                         accumulator layout of wgmma is the mma.sync one, warp w owning rows
+//                         16 w..16 w + 15, so the rest of the kernels is unchanged;
+//   fp32:                 plain FMAs over shared memory (tensor cores would round to tf32).
 // Head dims D, Dv <= kHead in {64, 128, 256}: tiles are zero-padded to kHead columns.
 #include <cuda_runtime.h>
 
@@ -30,6 +37,17 @@
 #include "common/philox.h"
 #include "cuda/attention.h"
 #include "cuda/convert.cuh"
+
+// Warpgroup MMA is compiled for sm_90a only (wgmma exists there and not in plain sm_90 PTX); any
+// other target (sm_80, a plain sm_90 build) uses mma.sync. Host code sizes shared memory for
+// both layouts.
+#if !defined(ATTENTION_WGMMA)
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ATTENTION_WGMMA 1
+#else
+#define ATTENTION_WGMMA 0
+#endif
+#endif
 
 namespace engine::cuda {
 namespace attention_detail {
@@ -57,11 +75,26 @@ struct Tiles {
   static constexpr int kPStrideB = kRowsB + 4;
 };
 
-// Shared memory of each kernel, in bytes (dynamic: chosen with the kernel).
+// Whether the compiled device code uses warpgroup MMA for T (see ATTENTION_WGMMA).
+template <typename T>
+constexpr bool kUseWgmma = ATTENTION_WGMMA && !std::is_same_v<T, float>;
+
+// The wgmma B-operand layout ("core matrices", K-major, no swizzle): an [N, K] tile (N output
+// columns, K the reduced dim) as 8 x 8 blocks of 128 contiguous bytes (8 n-rows of 8 k-elements),
+// the N / 8 blocks of one k-group adjacent (stride dimension byte offset 128) and the k-groups
+// 16 N bytes apart (leading dimension byte offset). Element offset of (n, k):
+__host__ __device__ constexpr int core_offset(int n, int k, int N) {
+  return (k / 8) * N * 8 + (n / 8) * 64 + (n % 8) * 8 + k % 8;
+}
+
+// Shared memory of each kernel, in bytes (dynamic: chosen with the kernel): the larger of the
+// mma.sync / FMA layout (padded row-major tiles) and the wgmma layout (row-major A tiles plus
+// core-matrix B tiles), since the host does not know which one the device code uses.
 template <typename T, int kHead>
 constexpr int forward_smem_bytes() {
   using C = Tiles<T, kHead>;
-  int bytes = (kBlockRows + 2 * C::kKeys) * C::kStride * int(sizeof(T));  // q, k, v tiles
+  // q [64, kStride]; then k, v [kKeys, kStride] (or k, v^T as core tiles of kKeys x kHead)
+  int bytes = (kBlockRows + 2 * C::kKeys) * C::kStride * int(sizeof(T));
   if (!C::kTensorCores) bytes += kWarps * 16 * C::kPStride * 4;          // per-warp probabilities
   return bytes;
 }
@@ -69,7 +102,10 @@ constexpr int forward_smem_bytes() {
 template <typename T, int kHead>
 constexpr int dkdv_smem_bytes() {
   using C = Tiles<T, kHead>;
-  int bytes = (2 * kBlockRows + 2 * C::kRowsB) * C::kStride * int(sizeof(T));  // k, v, q, dout tiles
+  // k, v [64, kStride]; then q, dout [kRowsB, kStride] (or q, dout, q^T, dout^T core tiles)
+  const int rows_tiles = 2 * C::kRowsB * C::kStride > 4 * C::kRowsB * kHead ? 2 * C::kRowsB * C::kStride
+                                                                             : 4 * C::kRowsB * kHead;
+  int bytes = (2 * kBlockRows * C::kStride + rows_tiles) * int(sizeof(T));
   bytes += 2 * C::kRowsB * 4;                                                 // lse, delta
   if (!C::kTensorCores) bytes += kWarps * 16 * C::kPStrideB * 4;              // per-warp P / dS
   return bytes;
@@ -78,7 +114,10 @@ constexpr int dkdv_smem_bytes() {
 template <typename T, int kHead>
 constexpr int dq_smem_bytes() {
   using C = Tiles<T, kHead>;
-  int bytes = (2 * kBlockRows + 2 * C::kKeys) * C::kStride * int(sizeof(T));  // q, dout, k, v tiles
+  // q, dout [64, kStride]; then k, v [kKeys, kStride] (or k, v, k^T core tiles)
+  const int key_tiles = 2 * C::kKeys * C::kStride > 3 * C::kKeys * kHead ? 2 * C::kKeys * C::kStride
+                                                                          : 3 * C::kKeys * kHead;
+  int bytes = (2 * kBlockRows * C::kStride + key_tiles) * int(sizeof(T));
   if (!C::kTensorCores) bytes += kWarps * 16 * C::kPStride * 4;
   return bytes;
 }
@@ -160,18 +199,151 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "r"(smem_address(row)));
 }
 
+// Warpgroup MMA (sm_90a): D [64, N] (+)= A [64, 16] B [16, N], A from registers (warp w of the
+// warpgroup supplies rows 16 w..16 w + 15 in the mma.sync A-fragment layout), B from shared memory
+// through a descriptor, D in registers (warp w: rows 16 w.., the mma.sync accumulator layout per
+// 8-column tile). The wrappers below are written out for N = 32, 64, 128, 256.
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc);
+
+#if ATTENTION_WGMMA
+#define ATTN_D4(c) "+f"(d[c][0]), "+f"(d[c][1]), "+f"(d[c][2]), "+f"(d[c][3])
+template <>
+__device__ __forceinline__ void wgmma_m64k16<half, 32>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, accumulate, 1, 1, 0;\n}\n"
+      : ATTN_D4(0), ATTN_D4(1), ATTN_D4(2), ATTN_D4(3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<bfloat16, 32>(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, "
+      "{%16, %17, %18, %19}, %20, accumulate, 1, 1, 0;\n}\n"
+      : ATTN_D4(0), ATTN_D4(1), ATTN_D4(2), ATTN_D4(3)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<half, 64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, accumulate, 1, 1, 0;\n}\n"
+      : ATTN_D4(0), ATTN_D4(1), ATTN_D4(2), ATTN_D4(3), ATTN_D4(4), ATTN_D4(5), ATTN_D4(6), ATTN_D4(7)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<bfloat16, 64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, accumulate, 1, 1, 0;\n}\n"
+      : ATTN_D4(0), ATTN_D4(1), ATTN_D4(2), ATTN_D4(3), ATTN_D4(4), ATTN_D4(5), ATTN_D4(6), ATTN_D4(7)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<half, 128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, accumulate, 1, 1, 0;\n}\n"
+      : ATTN_D4(0), ATTN_D4(1), ATTN_D4(2), ATTN_D4(3), ATTN_D4(4), ATTN_D4(5), ATTN_D4(6), ATTN_D4(7), ATTN_D4(8), ATTN_D4(9), ATTN_D4(10), ATTN_D4(11), ATTN_D4(12), ATTN_D4(13), ATTN_D4(14), ATTN_D4(15)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<bfloat16, 128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %69, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, accumulate, 1, 1, 0;\n}\n"
+      : ATTN_D4(0), ATTN_D4(1), ATTN_D4(2), ATTN_D4(3), ATTN_D4(4), ATTN_D4(5), ATTN_D4(6), ATTN_D4(7), ATTN_D4(8), ATTN_D4(9), ATTN_D4(10), ATTN_D4(11), ATTN_D4(12), ATTN_D4(13), ATTN_D4(14), ATTN_D4(15)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<half, 256>(float (&d)[32][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, accumulate, 1, 1, 0;\n}\n"
+      : ATTN_D4(0), ATTN_D4(1), ATTN_D4(2), ATTN_D4(3), ATTN_D4(4), ATTN_D4(5), ATTN_D4(6), ATTN_D4(7), ATTN_D4(8), ATTN_D4(9), ATTN_D4(10), ATTN_D4(11), ATTN_D4(12), ATTN_D4(13), ATTN_D4(14), ATTN_D4(15), ATTN_D4(16), ATTN_D4(17), ATTN_D4(18), ATTN_D4(19), ATTN_D4(20), ATTN_D4(21), ATTN_D4(22), ATTN_D4(23), ATTN_D4(24), ATTN_D4(25), ATTN_D4(26), ATTN_D4(27), ATTN_D4(28), ATTN_D4(29), ATTN_D4(30), ATTN_D4(31)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+}
+
+template <>
+__device__ __forceinline__ void wgmma_m64k16<bfloat16, 256>(float (&d)[32][4], const uint32_t (&a)[4], uint64_t desc) {
+  asm volatile(
+      "{\n.reg .pred accumulate;\nsetp.ne.b32 accumulate, %133, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, accumulate, 1, 1, 0;\n}\n"
+      : ATTN_D4(0), ATTN_D4(1), ATTN_D4(2), ATTN_D4(3), ATTN_D4(4), ATTN_D4(5), ATTN_D4(6), ATTN_D4(7), ATTN_D4(8), ATTN_D4(9), ATTN_D4(10), ATTN_D4(11), ATTN_D4(12), ATTN_D4(13), ATTN_D4(14), ATTN_D4(15), ATTN_D4(16), ATTN_D4(17), ATTN_D4(18), ATTN_D4(19), ATTN_D4(20), ATTN_D4(21), ATTN_D4(22), ATTN_D4(23), ATTN_D4(24), ATTN_D4(25), ATTN_D4(26), ATTN_D4(27), ATTN_D4(28), ATTN_D4(29), ATTN_D4(30), ATTN_D4(31)
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "n"(1));
+}
+#undef ATTN_D4
+
+// Orders earlier register writes (accumulators, A fragments) before the next wgmma.
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+
+// Closes the issued wgmmas into a group and waits for it (and every earlier group) to finish.
+__device__ __forceinline__ void wgmma_commit_and_wait() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+}
+#endif
+
+// Makes this thread's generic-proxy writes to shared memory visible to the async proxy (wgmma
+// operand reads); the __syncthreads that follows makes every thread's visible.
+__device__ __forceinline__ void async_proxy_fence() {
+#if ATTENTION_WGMMA
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Descriptor of the core-matrix tile `tile` (N output columns) from reduced index k0 on.
+__device__ __forceinline__ uint64_t core_descriptor(const void* tile, int N, int k0) {
+  const uint32_t start = smem_address(tile) + uint32_t(k0 / 8) * uint32_t(N) * 16u;
+  const uint32_t leading = uint32_t(N) * 16u;  // bytes between k-groups
+  const uint32_t stride = 128u;                // bytes between n-groups
+  return uint64_t((start & 0x3FFFFu) >> 4) | (uint64_t((leading & 0x3FFFFu) >> 4) << 16) |
+         (uint64_t((stride & 0x3FFFFu) >> 4) << 32);
+}
+
 // ---------------------------------------------------------------------------------------------
-// The two warp-level products. Both read operands from shared memory tiles of row stride
-// kStride (elements) and keep results in the m16n8k16 accumulator layout (see the file comment).
+// The products. Results stay in the accumulator layout (see the file comment); A is read from a
+// row-major shared-memory tile of row stride kStride (this warp's 16 rows); B is a BOperand:
 //
-// scores:     S [16, kN]  = A [16, kK] . B [kN, kK]^T   (A, B row-major: q k^T, dout v^T, k q^T)
-// accumulate: C [16, kN] += P [16, kK] . B [kK, kN]     (P: accumulator-layout registers, B
-//                                                        row-major: P v, P^T dout, dS q, dS k)
+// scores:     S [16, kN]  = A [16, kK] . B [kN, kK]^T   (q k^T, dout v^T, k q^T, v dout^T)
+// accumulate: C [16, kN] += P [16, kK] . B [kK, kN]     (P: accumulator-layout registers;
+//                                                        P v, P^T dout, dS^T q, dS k)
+
+template <typename T>
+struct BOperand {
+  const T* plain;  // row-major tile, row stride kStride: rows = B's rows (scores: kN, accumulate: kK)
+  const T* core;   // wgmma: the core-matrix tile with B's output columns as n (scores: B's rows,
+                   // accumulate: B's columns) and its reduced index as k
+  int core_n;      // the n extent of that tile (its leading dimension byte offset is 16 core_n)
+};
 
 template <typename T, int kStride>
 struct TensorCoreMath {
   template <int kN, int kK>
-  __device__ __forceinline__ static void scores(float (&s)[kN / 8][4], const T* a_s, const T* b_s, int lane,
+  __device__ __forceinline__ static void scores(float (&s)[kN / 8][4], const T* a_s, BOperand<T> b, int lane,
                                                 float* /*p_s: unused*/) {
     static_assert(kN % 16 == 0 && kK % 16 == 0, "tiles of 16");
 #pragma unroll
@@ -183,17 +355,17 @@ struct TensorCoreMath {
       ldmatrix_x4(a, a_s + (lane % 16) * kStride + kk * 16 + (lane / 16) * 8);
 #pragma unroll
       for (int n = 0; n < kN / 8; n += 2) {
-        uint32_t b[4];  // B rows (= output columns) of tiles n, n + 1 x the 16 columns of kk
-        ldmatrix_x4(b, b_s + ((n + id / 2) * 8 + lane % 8) * kStride + kk * 16 + (id % 2) * 8);
-        mma_16816<T>(s[n], a, b[0], b[1]);
-        mma_16816<T>(s[n + 1], a, b[2], b[3]);
+        uint32_t bf[4];  // B rows (= output columns) of tiles n, n + 1 x the 16 columns of kk
+        ldmatrix_x4(bf, b.plain + ((n + id / 2) * 8 + lane % 8) * kStride + kk * 16 + (id % 2) * 8);
+        mma_16816<T>(s[n], a, bf[0], bf[1]);
+        mma_16816<T>(s[n + 1], a, bf[2], bf[3]);
       }
     }
   }
 
   template <int kK, int kN>
   __device__ __forceinline__ static void accumulate(float (&c)[kN / 8][4], const float (&p)[kK / 8][4],
-                                                    const T* b_s, int lane, float* /*p_s: unused*/) {
+                                                    BOperand<T> b, int lane, float* /*p_s: unused*/) {
     static_assert(kN % 16 == 0 && kK % 16 == 0, "tiles of 16");
     const int id = lane / 8;
 #pragma unroll
@@ -204,14 +376,53 @@ struct TensorCoreMath {
                              pack_pair<T>(p[2 * kc + 1][2], p[2 * kc + 1][3])};
 #pragma unroll
       for (int n = 0; n < kN / 8; n += 2) {
-        uint32_t b[4];  // B rows kc * 16 + 0-7 / 8-15 x columns of tiles n, n + 1, transposed
-        ldmatrix_x4_trans(b, b_s + (kc * 16 + (id % 2) * 8 + lane % 8) * kStride + (n + id / 2) * 8);
-        mma_16816<T>(c[n], a, b[0], b[1]);
-        mma_16816<T>(c[n + 1], a, b[2], b[3]);
+        uint32_t bf[4];  // B rows kc * 16 + 0-7 / 8-15 x columns of tiles n, n + 1, transposed
+        ldmatrix_x4_trans(bf, b.plain + (kc * 16 + (id % 2) * 8 + lane % 8) * kStride + (n + id / 2) * 8);
+        mma_16816<T>(c[n], a, bf[0], bf[1]);
+        mma_16816<T>(c[n + 1], a, bf[2], bf[3]);
       }
     }
   }
 };
+
+#if ATTENTION_WGMMA
+// sm_90a: the block's 4 warps run each product as one warpgroup MMA per 16-wide k slice. Every
+// wgmma is waited for before its A registers are rewritten (the compiler does not know the MMA
+// is asynchronous, so nothing it owns may be in flight across instructions it schedules).
+template <typename T, int kStride>
+struct WgmmaMath {
+  template <int kN, int kK>
+  __device__ __forceinline__ static void scores(float (&s)[kN / 8][4], const T* a_s, BOperand<T> b, int lane,
+                                                float* /*p_s: unused*/) {
+    static_assert(kN % 16 == 0 && kK % 16 == 0, "tiles of 16");
+#pragma unroll
+    for (int n = 0; n < kN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kK / 16; ++kk) {
+      uint32_t a[4];
+      ldmatrix_x4(a, a_s + (lane % 16) * kStride + kk * 16 + (lane / 16) * 8);
+      wgmma_fence();
+      wgmma_m64k16<T, kN>(s, a, core_descriptor(b.core, b.core_n, kk * 16));
+      wgmma_commit_and_wait();
+    }
+  }
+
+  template <int kK, int kN>
+  __device__ __forceinline__ static void accumulate(float (&c)[kN / 8][4], const float (&p)[kK / 8][4],
+                                                    BOperand<T> b, int /*lane*/, float* /*p_s: unused*/) {
+    static_assert(kN % 16 == 0 && kK % 16 == 0, "tiles of 16");
+#pragma unroll
+    for (int kc = 0; kc < kK / 16; ++kc) {
+      const uint32_t a[4] = {pack_pair<T>(p[2 * kc][0], p[2 * kc][1]), pack_pair<T>(p[2 * kc][2], p[2 * kc][3]),
+                             pack_pair<T>(p[2 * kc + 1][0], p[2 * kc + 1][1]),
+                             pack_pair<T>(p[2 * kc + 1][2], p[2 * kc + 1][3])};
+      wgmma_fence();
+      wgmma_m64k16<T, kN>(c, a, core_descriptor(b.core, b.core_n, kc * 16));
+      wgmma_commit_and_wait();
+    }
+  }
+};
+#endif
 
 // fp32: the same products with FMAs. Lane (g, t) reads rows g, g + 8 of A and rows 8 n + 2 t,
 // 8 n + 2 t + 1 of B; the four lanes of a group read the same A words (broadcast), and with the
@@ -220,9 +431,10 @@ struct TensorCoreMath {
 template <int kStride>
 struct FmaMath {
   template <int kN, int kK>
-  __device__ __forceinline__ static void scores(float (&s)[kN / 8][4], const float* a_s, const float* b_s, int lane,
-                                                float* /*p_s: unused*/) {
+  __device__ __forceinline__ static void scores(float (&s)[kN / 8][4], const float* a_s, BOperand<float> b,
+                                                int lane, float* /*p_s: unused*/) {
     const int g = lane / 4, t = lane % 4;
+    const float* b_s = b.plain;
 #pragma unroll
     for (int n = 0; n < kN / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
     const float* a0 = a_s + g * kStride;
@@ -244,7 +456,7 @@ struct FmaMath {
 
   template <int kK, int kN>
   __device__ __forceinline__ static void accumulate(float (&c)[kN / 8][4], const float (&p)[kK / 8][4],
-                                                    const float* b_s, int lane, float* p_s) {
+                                                    BOperand<float> b, int lane, float* p_s) {
     constexpr int kP = kK + 4;  // row stride of the staged probabilities
     const int g = lane / 4, t = lane % 4;
     __syncwarp();  // the previous call's reads of p_s are done
@@ -259,7 +471,7 @@ struct FmaMath {
 #pragma unroll 4
     for (int k = 0; k < kK; ++k) {
       const float x0 = p_s[g * kP + k], x1 = p_s[(g + 8) * kP + k];
-      const float* b_row = b_s + k * kStride + 2 * t;
+      const float* b_row = b.plain + k * kStride + 2 * t;
 #pragma unroll
       for (int n = 0; n < kN / 8; ++n) {
         const float2 y = *reinterpret_cast<const float2*>(b_row + 8 * n);
@@ -272,31 +484,73 @@ struct FmaMath {
   }
 };
 
+#if ATTENTION_WGMMA
 template <typename T, int kHead>
-using MathFor = std::conditional_t<Tiles<T, kHead>::kTensorCores, TensorCoreMath<T, Tiles<T, kHead>::kStride>,
+using TensorMath = WgmmaMath<T, Tiles<T, kHead>::kStride>;
+#else
+template <typename T, int kHead>
+using TensorMath = TensorCoreMath<T, Tiles<T, kHead>::kStride>;
+#endif
+
+template <typename T, int kHead>
+using MathFor = std::conditional_t<Tiles<T, kHead>::kTensorCores, TensorMath<T, kHead>,
                                    FmaMath<Tiles<T, kHead>::kStride>>;
 
 // ---------------------------------------------------------------------------------------------
-// Loading tiles: `rows` rows of kHead columns into shared memory (row stride kStride), row r read
-// from row_ptr(r) (nullptr: a padding row of zeros), columns >= cols zero. 16-byte accesses when
-// `vectors` (every row start 16-byte aligned, cols a multiple of the vector), else element-wise.
+// Loading tiles. for_each_chunk reads `rows` rows of kHead columns (row r from row_ptr(r), nullptr
+// for a padding row of zeros; columns >= cols are zeros) in 16-byte chunks, with 16-byte loads
+// when `vectors` (every row start 16-byte aligned, cols a multiple of the chunk), and hands each
+// chunk (row r, first column c) to one of the stores below.
 
-template <typename T, int kHead, int kStride, typename RowPtr>
-__device__ __forceinline__ void load_tile(T* dst, int rows, int cols, bool vectors, RowPtr row_ptr) {
+template <typename T>
+union Chunk {
+  uint4 bits;
+  T v[16 / sizeof(T)];
+};
+
+template <typename T, int kHead, typename RowPtr, typename Store>
+__device__ __forceinline__ void for_each_chunk(int rows, int cols, bool vectors, RowPtr row_ptr, Store store) {
   constexpr int kVec = 16 / int(sizeof(T));
-  constexpr int kChunks = kHead / kVec;  // 16-byte chunks per tile row
+  constexpr int kChunks = kHead / kVec;  // chunks per tile row
   for (int index = threadIdx.x; index < rows * kChunks; index += kThreads) {
     const int r = index / kChunks;
     const int c = (index % kChunks) * kVec;
     const T* src = row_ptr(r);
-    T* out = dst + r * kStride + c;
+    Chunk<T> chunk;
     if (src != nullptr && vectors && c + kVec <= cols) {
-      *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(src + c);
+      chunk.bits = *reinterpret_cast<const uint4*>(src + c);
     } else {
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) out[e] = (src != nullptr && c + e < cols) ? src[c + e] : zero_value<T>();
+      for (int e = 0; e < kVec; ++e) chunk.v[e] = (src != nullptr && c + e < cols) ? src[c + e] : zero_value<T>();
     }
+    store(r, c, chunk);
   }
+}
+
+// A padded row-major tile (row stride kStride): element (r, c) at r * kStride + c.
+template <typename T, int kStride>
+__device__ __forceinline__ void store_plain(T* tile, int r, int c, const Chunk<T>& chunk) {
+  *reinterpret_cast<uint4*>(tile + r * kStride + c) = chunk.bits;
+}
+
+template <typename T, int kHead, int kStride, typename RowPtr>
+__device__ __forceinline__ void load_tile(T* dst, int rows, int cols, bool vectors, RowPtr row_ptr) {
+  for_each_chunk<T, kHead>(rows, cols, vectors, row_ptr,
+                           [&](int r, int c, const Chunk<T>& chunk) { store_plain<T, kStride>(dst, r, c, chunk); });
+}
+
+// A core-matrix tile with the rows as n (N of them) and the columns as k: one 16-byte row of a
+// core matrix per chunk.
+template <typename T>
+__device__ __forceinline__ void store_core(T* tile, int N, int r, int c, const Chunk<T>& chunk) {
+  *reinterpret_cast<uint4*>(tile + core_offset(r, c, N)) = chunk.bits;
+}
+
+// A core-matrix tile with the columns as n (N of them) and the rows as k (the transpose).
+template <typename T>
+__device__ __forceinline__ void store_core_transposed(T* tile, int N, int r, int c, const Chunk<T>& chunk) {
+#pragma unroll
+  for (int e = 0; e < int(16 / sizeof(T)); ++e) tile[core_offset(c + e, r, N)] = chunk.v[e];
 }
 
 __host__ __device__ inline bool vector_rows(const void* base, int64_t row_stride, int64_t cols, int elem_bytes) {
@@ -404,9 +658,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const At
   using Math = MathFor<T, kHead>;
   constexpr int kKeys = C::kKeys, kStride = C::kStride;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* q_s = reinterpret_cast<T*>(shared_bytes);  // [64, kStride]: the block's query rows
-  T* k_s = q_s + kBlockRows * kStride;          // [kKeys, kStride]: keys of this step
-  T* v_s = k_s + kKeys * kStride;               // [kKeys, kStride]: values of this step
+  constexpr bool kCore = kUseWgmma<T>;
+  T* q_s = reinterpret_cast<T*>(shared_bytes);  // [64, kStride]: the block's query rows (A operand)
+  T* k_s = q_s + kBlockRows * kStride;          // keys of this step: [kKeys, kStride], or wgmma:
+                                                //   core tile n = key, k = head dim [kKeys x kHead]
+  T* v_s = k_s + kKeys * kStride;               // values of this step: [kKeys, kStride], or wgmma:
+                                                //   core tile n = head dim, k = key [kHead x kKeys]
   float* p_s = reinterpret_cast<float*>(v_s + kKeys * kStride);  // fp32 path: [4 warps, 16, kPStride]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -450,16 +707,22 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const At
   for (int64_t j0 = key_begin; j0 < key_end; j0 += kKeys) {
     const int valid = int(min64(kKeys, key_end - j0));
     __syncthreads();  // every warp is done with the previous k, v tiles
-    load_tile<T, kHead, kStride>(k_s, kKeys, int(a.head_dim), plan.k_vectors, [&](int r) -> const T* {
-      return r < valid ? k_head + (j0 + r) * a.k_stride_s : nullptr;
-    });
-    load_tile<T, kHead, kStride>(v_s, kKeys, int(a.head_dim_v), plan.v_vectors, [&](int r) -> const T* {
-      return r < valid ? v_head + (j0 + r) * a.v_stride_s : nullptr;
-    });
+    auto key_row = [&](int r) -> const T* { return r < valid ? k_head + (j0 + r) * a.k_stride_s : nullptr; };
+    auto value_row = [&](int r) -> const T* { return r < valid ? v_head + (j0 + r) * a.v_stride_s : nullptr; };
+    if constexpr (kCore) {
+      for_each_chunk<T, kHead>(kKeys, int(a.head_dim), plan.k_vectors, key_row,
+                               [&](int r, int c, const Chunk<T>& x) { store_core(k_s, kKeys, r, c, x); });
+      for_each_chunk<T, kHead>(kKeys, int(a.head_dim_v), plan.v_vectors, value_row,
+                               [&](int r, int c, const Chunk<T>& x) { store_core_transposed(v_s, kHead, r, c, x); });
+      async_proxy_fence();
+    } else {
+      load_tile<T, kHead, kStride>(k_s, kKeys, int(a.head_dim), plan.k_vectors, key_row);
+      load_tile<T, kHead, kStride>(v_s, kKeys, int(a.head_dim_v), plan.v_vectors, value_row);
+    }
     __syncthreads();  // tiles (and, on the first step, the q tile) are complete
 
     float s[kKeys / 8][4];
-    Math::template scores<kKeys, kHead>(s, q_s + warp * 16 * kStride, k_s, lane, nullptr);
+    Math::template scores<kKeys, kHead>(s, q_s + warp * 16 * kStride, BOperand<T>{k_s, k_s, kKeys}, lane, nullptr);
     scale_and_mask<kKeys>(s, a, rows, j0, key_end, t);
 
     // Online softmax per row: new max, rescale factor, probabilities in place, partial sums.
@@ -487,7 +750,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_forward_kernel(const At
       }
     }
     if (a.dropout_p > 0) apply_dropout<kKeys>(s, rows, j0, t, key, p_drop, inv_keep);
-    Math::template accumulate<kKeys, kHead>(o, s, v_s, lane, p_s + warp * 16 * C::kPStride);
+    Math::template accumulate<kKeys, kHead>(o, s, BOperand<T>{v_s, v_s, kHead}, lane, p_s + warp * 16 * C::kPStride);
   }
 
   // Finish: whole-row sums, then the output (or this split's partial result).
@@ -604,12 +867,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_kernel(const Atten
   using Math = MathFor<T, kHead>;
   constexpr int kRowsB = C::kRowsB, kStride = C::kStride, kCols = C::kCols, kCol0 = kColBlock * C::kCols;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* k_s = reinterpret_cast<T*>(shared_bytes);     // [64, kStride]: this block's keys
-  T* v_s = k_s + kBlockRows * kStride;             // [64, kStride]: their values
-  T* q_s = v_s + kBlockRows * kStride;             // [kRowsB, kStride]: query rows of this step
-  T* do_s = q_s + kRowsB * kStride;                // [kRowsB, kStride]: their output gradients
-  float* lse_s = reinterpret_cast<float*>(do_s + kRowsB * kStride);  // [kRowsB] (+inf: no key)
-  float* delta_s = lse_s + kRowsB;                                     // [kRowsB]
+  constexpr bool kCore = kUseWgmma<T>;
+  constexpr int kRowTile = kCore ? kRowsB * kHead : kRowsB * kStride;  // elements of one rows tile
+  T* k_s = reinterpret_cast<T*>(shared_bytes);     // [64, kStride]: this block's keys (A operand)
+  T* v_s = k_s + kBlockRows * kStride;             // [64, kStride]: their values (A operand)
+  T* q_s = v_s + kBlockRows * kStride;             // query rows of this step: [kRowsB, kStride], or
+                                                   //   wgmma: core tile n = row, k = head dim
+  T* do_s = q_s + kRowTile;                        // their output gradients, the same way
+  T* qt_s = do_s + kRowTile;                       // wgmma only: core tile n = head dim, k = row
+  T* dot_s = qt_s + kRowTile;                      // wgmma only: the same for the gradients
+  T* rows_end = q_s + (kCore ? 4 : 2) * kRowTile;
+  float* lse_s = reinterpret_cast<float*>(rows_end);  // [kRowsB] (+inf: no visible key)
+  float* delta_s = lse_s + kRowsB;                     // [kRowsB]
   float* p_s = delta_s + kRowsB;                   // fp32 path: [4 warps, 16, kPStrideB]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -645,12 +914,27 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_kernel(const Atten
     for (int64_t i0 = i_begin; i0 < a.seq_q; i0 += kRowsB) {
       const int rows_valid = int(min64(kRowsB, a.seq_q - i0));
       __syncthreads();  // the previous step's tiles are no longer read
-      load_tile<T, kHead, kStride>(q_s, kRowsB, int(a.head_dim), plan.q_vectors, [&](int r) -> const T* {
+      auto query_row = [&](int r) -> const T* {
         return r < rows_valid ? a.q + b * a.q_stride_b + h * a.q_stride_h + (i0 + r) * a.q_stride_s : nullptr;
-      });
-      load_tile<T, kHead, kStride>(do_s, kRowsB, int(a.head_dim_v), plan.dout_vectors, [&](int r) -> const T* {
+      };
+      auto dout_row = [&](int r) -> const T* {
         return r < rows_valid ? a.dout + (plane * a.seq_q + i0 + r) * a.head_dim_v : nullptr;
-      });
+      };
+      if constexpr (kCore) {
+        for_each_chunk<T, kHead>(kRowsB, int(a.head_dim), plan.q_vectors, query_row, [&](int r, int c, const Chunk<T>& x) {
+          store_core(q_s, kRowsB, r, c, x);
+          store_core_transposed(qt_s, kHead, r, c, x);
+        });
+        for_each_chunk<T, kHead>(kRowsB, int(a.head_dim_v), plan.dout_vectors, dout_row,
+                                 [&](int r, int c, const Chunk<T>& x) {
+                                   store_core(do_s, kRowsB, r, c, x);
+                                   store_core_transposed(dot_s, kHead, r, c, x);
+                                 });
+        async_proxy_fence();
+      } else {
+        load_tile<T, kHead, kStride>(q_s, kRowsB, int(a.head_dim), plan.q_vectors, query_row);
+        load_tile<T, kHead, kStride>(do_s, kRowsB, int(a.head_dim_v), plan.dout_vectors, dout_row);
+      }
       for (int r = threadIdx.x; r < kRowsB; r += kThreads) {
         const bool valid = r < rows_valid;
         const float lse = valid ? a.lse[plane * a.seq_q + i0 + r] : neg_inf();
@@ -661,7 +945,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_kernel(const Atten
 
       // S^T [16 keys, kRowsB rows] of this warp, scaled and masked; then P^T = e^(s - lse).
       float p[kRowsB / 8][4];
-      Math::template scores<kRowsB, kHead>(p, k_s + warp * 16 * kStride, q_s, lane, nullptr);
+      Math::template scores<kRowsB, kHead>(p, k_s + warp * 16 * kStride, BOperand<T>{q_s, q_s, kRowsB}, lane, nullptr);
 #pragma unroll
       for (int n = 0; n < kRowsB / 8; ++n) {
 #pragma unroll
@@ -682,7 +966,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_kernel(const Atten
       }
       // dP^T = v dout^T, then dS^T = P^T (dP^T Z - delta) and P~^T = P^T Z
       float ds[kRowsB / 8][4];
-      Math::template scores<kRowsB, kHead>(ds, v_s + warp * 16 * kStride, do_s, lane, nullptr);
+      Math::template scores<kRowsB, kHead>(ds, v_s + warp * 16 * kStride, BOperand<T>{do_s, do_s, kRowsB}, lane,
+                                           nullptr);
 #pragma unroll
       for (int n = 0; n < kRowsB / 8; ++n) {
 #pragma unroll
@@ -699,8 +984,12 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_kernel(const Atten
         }
       }
       float* p_warp = p_s + warp * 16 * C::kPStrideB;
-      Math::template accumulate<kRowsB, kCols>(dv, p, do_s + kCol0, lane, p_warp);
-      Math::template accumulate<kRowsB, kCols>(dk, ds, q_s + kCol0, lane, p_warp);
+      // B = dout [rows, columns kCol0..] and q [rows, columns kCol0..]; as wgmma core tiles, their
+      // transposes from n-group kCol0 / 8 on
+      Math::template accumulate<kRowsB, kCols>(dv, p, BOperand<T>{do_s + kCol0, dot_s + core_offset(kCol0, 0, kHead), kHead},
+                                               lane, p_warp);
+      Math::template accumulate<kRowsB, kCols>(dk, ds, BOperand<T>{q_s + kCol0, qt_s + core_offset(kCol0, 0, kHead), kHead},
+                                               lane, p_warp);
     }
   }
 
@@ -731,11 +1020,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_kernel(const Attenti
   using Math = MathFor<T, kHead>;
   constexpr int kKeys = C::kKeys, kStride = C::kStride;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
-  T* q_s = reinterpret_cast<T*>(shared_bytes);   // [64, kStride]: the block's query rows
-  T* do_s = q_s + kBlockRows * kStride;          // [64, kStride]: their output gradients
-  T* k_s = do_s + kBlockRows * kStride;          // [kKeys, kStride]: keys of this step
-  T* v_s = k_s + kKeys * kStride;                // [kKeys, kStride]: values of this step
-  float* p_s = reinterpret_cast<float*>(v_s + kKeys * kStride);  // fp32 path: [4 warps, 16, kPStride]
+  constexpr bool kCore = kUseWgmma<T>;
+  constexpr int kKeyTile = kCore ? kKeys * kHead : kKeys * kStride;  // elements of one key tile
+  T* q_s = reinterpret_cast<T*>(shared_bytes);   // [64, kStride]: the block's query rows (A operand)
+  T* do_s = q_s + kBlockRows * kStride;          // [64, kStride]: their output gradients (A operand)
+  T* k_s = do_s + kBlockRows * kStride;          // keys of this step: [kKeys, kStride], or wgmma:
+                                                 //   core tile n = key, k = head dim
+  T* v_s = k_s + kKeyTile;                       // values of this step, the same way
+  T* kt_s = v_s + kKeyTile;                      // wgmma only: core tile n = head dim, k = key
+  float* p_s = reinterpret_cast<float*>(v_s + kKeyTile);  // fp32 path: [4 warps, 16, kPStride]
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int64_t block = blockIdx.x, bh = blockIdx.y;
@@ -778,18 +1071,27 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_kernel(const Attenti
   for (int64_t j0 = 0; j0 < key_end; j0 += kKeys) {
     const int valid = int(min64(kKeys, key_end - j0));
     __syncthreads();
-    load_tile<T, kHead, kStride>(k_s, kKeys, int(a.head_dim), plan.k_vectors, [&](int r) -> const T* {
-      return r < valid ? k_head + (j0 + r) * a.k_stride_s : nullptr;
-    });
-    load_tile<T, kHead, kStride>(v_s, kKeys, int(a.head_dim_v), plan.v_vectors, [&](int r) -> const T* {
-      return r < valid ? v_head + (j0 + r) * a.v_stride_s : nullptr;
-    });
+    auto key_row = [&](int r) -> const T* { return r < valid ? k_head + (j0 + r) * a.k_stride_s : nullptr; };
+    auto value_row = [&](int r) -> const T* { return r < valid ? v_head + (j0 + r) * a.v_stride_s : nullptr; };
+    if constexpr (kCore) {
+      for_each_chunk<T, kHead>(kKeys, int(a.head_dim), plan.k_vectors, key_row, [&](int r, int c, const Chunk<T>& x) {
+        store_core(k_s, kKeys, r, c, x);
+        store_core_transposed(kt_s, kHead, r, c, x);
+      });
+      for_each_chunk<T, kHead>(kKeys, int(a.head_dim_v), plan.v_vectors, value_row,
+                               [&](int r, int c, const Chunk<T>& x) { store_core(v_s, kKeys, r, c, x); });
+      async_proxy_fence();
+    } else {
+      load_tile<T, kHead, kStride>(k_s, kKeys, int(a.head_dim), plan.k_vectors, key_row);
+      load_tile<T, kHead, kStride>(v_s, kKeys, int(a.head_dim_v), plan.v_vectors, value_row);
+    }
     __syncthreads();
 
     float s[kKeys / 8][4], dp[kKeys / 8][4];
-    Math::template scores<kKeys, kHead>(s, q_s + warp * 16 * kStride, k_s, lane, nullptr);
+    Math::template scores<kKeys, kHead>(s, q_s + warp * 16 * kStride, BOperand<T>{k_s, k_s, kKeys}, lane, nullptr);
     scale_and_mask<kKeys>(s, a, rows, j0, key_end, t);
-    Math::template scores<kKeys, kHead>(dp, do_s + warp * 16 * kStride, v_s, lane, nullptr);
+    Math::template scores<kKeys, kHead>(dp, do_s + warp * 16 * kStride, BOperand<T>{v_s, v_s, kKeys}, lane,
+                                        nullptr);
 #pragma unroll
     for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
@@ -804,7 +1106,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_kernel(const Attenti
         dp[n][e] = prob * (dp[n][e] * z - delta[r]);  // dS
       }
     }
-    Math::template accumulate<kKeys, kHead>(dq, dp, k_s, lane, p_s + warp * 16 * C::kPStride);
+    Math::template accumulate<kKeys, kHead>(dq, dp, BOperand<T>{k_s, kt_s, kHead}, lane, p_s + warp * 16 * C::kPStride);
   }
 
 #pragma unroll
