@@ -7,8 +7,8 @@
 //   backward  reads dout, out once (for delta), q, dout once per 64-key block (dK/dV pass) and
 //             k, v once per query block (dQ pass); writes dq, dk, dv and delta [B, Hq, Sq] once.
 // Extra memory: per-thread tiles (a few 64 x max(D, Dv) fp32 buffers) and, when keys are split
-// across threads (few rows, long keys), [tasks, splits, 64, Dv + 2] partial results: it grows
-// with neither Sq * Sk nor Sq.
+// across threads (few rows, long keys), [tasks, splits, 64, Dv + 2] partial results; backward
+// also takes the [B, Hq, Sq] delta workspace from the caller. Nothing grows with Sq * Sk.
 //
 // Layout of the work. Query rows of one kv head are "stacked": row s of (b, kv head g) is query
 // i = s / G of head g * G + s % G (G = Hq / Hk), so one block of 64 rows holds every head of a
@@ -17,12 +17,10 @@
 //   forward, dQ:  S^T [keys, rows]: rows are vector lanes; q^T (and dout^T) are packed once per
 //                 task; k and v rows are read in place (fp32) as broadcast operands.
 //   dK/dV:        S [rows, keys]: keys are vector lanes; k^T and v^T are packed once per task;
-//                 q and dout rows are read in place as broadcast operands.
+//                 dout rows (in place for fp32) and q * scale rows are the broadcast operands.
 // Every product is one register-blocked micro-kernel C (+)= A B with A read by broadcasts through
 // two strides (so it can be a transposed view) and B read by rows of vectors.
 #include "cpu/attention.h"
-
-#include <omp.h>
 
 #include <algorithm>
 #include <array>
@@ -32,7 +30,6 @@
 #include <memory>
 #include <type_traits>
 #include <utility>
-#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -602,7 +599,7 @@ void forward_task(const AttentionForwardArgs<T>& a, const Shape<AttentionForward
     mask_transposed(w.st.get(), bk, j0, rows, a.mask, a.mask_kind, a.mask_stride_k);
     online_softmax_transposed(w.st.get(), bk, lanes, m, l, w.alpha.get());
     if (a.dropout_p > 0) dropout_transposed(w.st.get(), bk, j0, rows, key, p_keep, inv_keep);
-    // O [rows, Dv] = alpha O + P^T^T V_blk
+    // O [rows, Dv] = alpha O + P V_blk   (A = the P^T tile read transposed)
     gemm<A>(rows.count, Dv, bk, w.st.get(), 1, kRows, v_rows.data, v_rows.stride, o, Dv,
             first ? Init::zero : Init::rescale, w.alpha.get());
     first = false;
@@ -944,7 +941,7 @@ void dq_task(const AttentionBackwardArgs<T>& a, const Shape<AttentionBackwardArg
         }
       }
     }
-    // dQ [rows, D] += dS^T^T K_blk
+    // dQ [rows, D] += dS K_blk   (A = the dS^T tile read transposed)
     gemm<A>(rows.count, D, bk, dpt, 1, kRows, k_rows.data, k_rows.stride, dq, D, Init::accumulate);
   }
   const A scale = a.scale;
