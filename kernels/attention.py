@@ -39,7 +39,6 @@ bytes written):
     decode:    reads B*Hk*L*(D+Dv)*s (each valid cache entry once) + Q, writes
                B*Hq*Sq*splits*(Dv+1)*4 partials, reads them back, writes O and lse
 """
-import math
 from typing import Optional
 
 import torch
@@ -583,8 +582,7 @@ def _attn_decode_split_kernel(
     stride_kb, stride_kh, stride_ks,
     stride_vb, stride_vh, stride_vs,
     stride_mb, stride_mh, stride_mq, stride_mk,
-    Hq, Hk, group, Sq, S_max, D, Dv,
-    rows,                       # group * Sq: the query rows sharing one kv head
+    Hk, group, Sq, S_max, D, Dv,   # (Hq = Hk * group; group * Sq query rows share one kv head)
     splits,                     # programs along the keys of one (batch, kv head)
     scale_hi, scale_lo,         # the softmax scale split into fp32 head + tail (tail used for fp64)
     MASK_KIND: tl.constexpr,
@@ -597,6 +595,7 @@ def _attn_decode_split_kernel(
     bhk = tl.program_id(1).to(tl.int64)           # b * Hk + hk
     b = bhk // Hk
     hk = bhk % Hk
+    rows = group * Sq
     offs_r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)   # row r = g * Sq + i
     row_ok = offs_r < rows
     rows_r = tl.minimum(offs_r, rows - 1)        # padding rows repeat the last one; not stored
@@ -663,7 +662,7 @@ def _attn_decode_split_kernel(
     else:
         lse = (m_i + tl.log2(l_safe)) * _LN2
     lse = tl.where(empty, float("-inf"), lse)
-    row = ((b * Hq + h) * Sq + i) * splits + split                                  # [M] int64
+    row = ((b * Hk * group + h) * Sq + i) * splits + split                         # [M] int64
     tl.store(OPart + row[:, None] * Dv + offs_dv[None, :], out,
              mask=row_ok[:, None] & dv_ok[None, :])
     tl.store(LsePart + row, lse, mask=row_ok)
@@ -717,41 +716,51 @@ def _is_16bit(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+# The lists below were chosen with `python -m engine.readiness --kernels attention`: every entry
+# compiles for sm80, sm90 and gfx942 without spills (gfx942: 64 KB of shared memory, 256 VGPRs at
+# 8 warps, ~100 SGPRs) and, for 16-bit data, with wgmma on sm90 (>= 64 rows per warpgroup).
+# "dropout" lists serve the kernels with dropout on: Philox keeps 4 words per score live.
+
+
 def fwd_candidates(block_d: int, dtype: torch.dtype, dropout: bool) -> list[tuple[int, int, int, int]]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the forward may use on a GPU. block_d: the larger
-    of the padded head dims of q/k and v. Dropout's Philox state (4 words per score) needs
-    smaller tiles per thread than the plain kernel."""
+    of the padded head dims of q/k and v."""
     if _is_16bit(dtype):
-        if not dropout:
-            if block_d <= 64:
-                return [(128, 64, 4, 3), (64, 64, 4, 3)]
-            if block_d <= 128:
-                return [(128, 64, 8, 3), (64, 64, 4, 3)]
-            return [(64, 32, 4, 2), (128, 32, 8, 2)]
         if block_d <= 64:
-            return [(128, 64, 8, 3), (64, 32, 4, 3)]
+            return [(64, 32, 4, 3)] if dropout else [(128, 64, 4, 3), (64, 64, 4, 3)]
         if block_d <= 128:
-            return [(128, 64, 8, 2), (64, 32, 4, 2)]
-        return [(64, 32, 4, 2)]
-    if dtype == torch.float32:
+            return [(64, 32, 4, 2)] if dropout else [(128, 32, 8, 3), (64, 64, 4, 2)]
+        return [(64, 16, 4, 2)] if dropout else [(64, 32, 4, 2)]
+    if dtype == torch.float32:     # exact fp32 products (FMA): small tiles
         if block_d <= 64:
-            return [(64, 32, 4, 2), (32, 32, 4, 2)]
+            return [(32, 32, 4, 2), (64, 16, 4, 2)]
         if block_d <= 128:
-            return [(32, 32, 4, 2)]
+            return [(32, 16, 4, 2)] if dropout else [(32, 16, 4, 2), (32, 32, 8, 2)]
         return [(32, 16, 4, 2)]
-    return [(32, 16, 4, 1)] if block_d <= 64 else [(16, 16, 4, 1)]     # fp64
+    return [(16, 16, 4, 1)]        # fp64
+
+
+def keep_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
+    """The forward's debug path (dropout mask returned, extra stores): one config."""
+    if _is_16bit(dtype):
+        return [(64, 32, 4, 3)] if block_d <= 64 else [(64, 16, 4, 2)]
+    return fwd_candidates(block_d, dtype, True)[-1:]
 
 
 def dkdv_candidates(block_d: int, dtype: torch.dtype, dropout: bool) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M query step, BLOCK_N keys held, num_warps, num_stages) for the dK/dV kernel."""
+    """(BLOCK_M query step, BLOCK_N keys held, num_warps, num_stages) for the dK/dV kernel,
+    which holds K, V, dK and dV tiles of BLOCK_N x head dim for its whole loop."""
     if _is_16bit(dtype):
         if block_d <= 64:
-            return [(32, 128, 8, 3), (32, 64, 4, 3)]
+            return [(32, 64, 4, 3), (16, 128, 8, 2)] if dropout else [(32, 128, 8, 3), (32, 64, 4, 3)]
         if block_d <= 128:
-            return [(32, 64, 4, 3), (32, 128, 8, 2)]
-        return [(16, 64, 4, 2)]
+            return [(16, 64, 8, 2), (16, 128, 8, 2)] if dropout else [(32, 64, 4, 3), (16, 128, 8, 2)]
+        # D=256 with dropout: 64 keys spill, and 32 keys are below wgmma's 64 rows (sm90: mma)
+        return [(16, 32, 8, 2)] if dropout else [(16, 64, 8, 2)]
     if dtype == torch.float32:
-        return [(32, 32, 4, 2)] if block_d <= 64 else [(16, 32, 4, 2)]
+        if block_d <= 64:
+            return [(32, 32, 4, 2)]
+        return [(16, 32, 4, 2)] if block_d <= 128 else [(16, 16, 4, 2)]
     return [(16, 16, 4, 1)]
 
 
@@ -759,28 +768,30 @@ def dq_candidates(block_d: int, dtype: torch.dtype, dropout: bool) -> list[tuple
     """(BLOCK_M query rows held, BLOCK_N key step, num_warps, num_stages) for the dQ kernel."""
     if _is_16bit(dtype):
         if block_d <= 64:
-            return [(128, 32, 8, 3), (64, 32, 4, 3)]
+            return [(64, 32, 4, 3), (128, 16, 8, 2)] if dropout else [(128, 32, 8, 3), (64, 32, 4, 3)]
         if block_d <= 128:
-            return [(64, 32, 4, 3), (128, 32, 8, 2)]
-        return [(64, 16, 4, 2)]
+            return [(64, 32, 4, 3), (128, 16, 8, 2)]
+        return [(64, 16, 8, 1)] if dropout else [(64, 16, 4, 2)]
     if dtype == torch.float32:
         return [(32, 32, 4, 2)] if block_d <= 64 else [(32, 16, 4, 2)]
     return [(16, 16, 4, 1)]
 
 
-def keep_candidates(block_d: int, dtype: torch.dtype) -> list[tuple[int, int, int, int]]:
-    """The forward's debug path (dropout mask returned): one config, the last dropout one."""
-    return fwd_candidates(block_d, dtype, True)[-1:]
+def decode_block_m(rows: int, block_d: int, dtype: torch.dtype) -> int:
+    """Query rows (GQA group x new queries) per decode program: >= 16 for tl.dot; at most 32
+    for 16-bit data up to head dim 128, else 16 (larger tiles spill: scalar registers on gfx942,
+    the FMA products of fp32 on sm90)."""
+    return min(32 if _is_16bit(dtype) and block_d <= 128 else 16, max(16, next_power_of_2(rows)))
 
 
-def decode_config(block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+def decode_config(block_m: int, block_d: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the decode split kernel: memory bound, one config."""
     if INTERPRET:
         return 16, 4, 1
     if _is_16bit(dtype):
-        return (64, 4, 2) if block_d <= 128 else (32, 4, 2)
-    if dtype == torch.float32:
-        return (32, 4, 2) if block_d <= 128 else (16, 4, 2)
+        return (64, 4, 2) if block_m == 16 and block_d <= 128 else (32, 4, 2)
+    if dtype == torch.float32:   # exact products on FMA units: small tiles (ptxas spills at 4 warps
+        return (16, 8, 1) if block_d <= 128 else (16, 4, 2)   # for D <= 128, at 8 for D = 256)
     return 16, 4, 1
 
 
@@ -827,7 +838,7 @@ def _head_block(d: int) -> int:
 
 
 def _preprocess_block_m(block_dv: int) -> int:
-    return max(1, min(64, 4096 // block_dv))
+    return max(1, min(64, 2048 // block_dv))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -960,10 +971,6 @@ def decode_splits(batch_kv_heads: int, row_tiles: int, s_max: int, block_n: int,
     return max(1, min(wanted, triton.cdiv(max(s_max, 1), block_n), 128))
 
 
-def _decode_block_m(rows: int) -> int:
-    return min(64, max(16, next_power_of_2(rows)))
-
-
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor, mask: Optional[torch.Tensor], scale: float):
     """Attention of Sq new queries against a KV cache (flash-decoding).
@@ -981,10 +988,10 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return out, lse
     group = hq // hk
     rows = group * sq
-    block_m = _decode_block_m(rows)
-    row_tiles = triton.cdiv(rows, block_m)
     block_d, block_dv = _head_block(d), _head_block(dv)
-    block_n, warps, stages = decode_config(max(block_d, block_dv), q.dtype)
+    block_m = decode_block_m(rows, max(block_d, block_dv), q.dtype)
+    row_tiles = triton.cdiv(rows, block_m)
+    block_n, warps, stages = decode_config(block_m, max(block_d, block_dv), q.dtype)
     splits = decode_splits(b * hk, row_tiles, s_max, block_n, q.device)
     o_part = torch.empty((b * hq * sq, splits, dv), dtype=acc_dtype, device=q.device)
     lse_part = torch.empty((b * hq * sq, splits), dtype=acc_dtype, device=q.device)
@@ -994,9 +1001,10 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _attn_decode_split_kernel[(splits, b * hk, row_tiles)](
         q, k_cache, v_cache, seqlens, mask_arg, o_part, lse_part,
         *_stride3(q), *_stride3(k_cache), *_stride3(v_cache), *mask_strides,
-        hq, hk, group, sq, s_max, d, dv, rows, splits, scale_hi, scale_lo,
+        hk, group, sq, s_max, d, dv, splits, scale_hi, scale_lo,
         MASK_KIND=mask_kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        EVEN_D=d == block_d, EVEN_DV=dv == block_dv, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
+        EVEN_D=d == block_d, EVEN_DV=dv == block_dv, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
+        INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
     _attn_decode_combine_kernel[(b * hq * sq,)](
         o_part, lse_part, out, lse, splits, dv,
         BLOCK_S=next_power_of_2(splits), BLOCK_DV=block_dv, ACC=acc_tl, num_warps=4)
@@ -1079,30 +1087,32 @@ def _variant_name(causal: bool, mask_kind: int, dropout: bool) -> str:
 
 def gpu_compile_cases() -> list[GpuCompileCase]:
     """Every configuration the launchers use, for python -m engine.readiness: each block-size
-    candidate of the forward, dK/dV and dQ kernels at head dims 64 and 128 (fp16, bf16; tensor
-    cores required), 80, 96, 256 and 16 (fp16), and fp32 at 64/128/256, each in the plain
-    variant (no mask, no dropout) and the heaviest one (causal, float mask, dropout; the forward
-    also with the debug keep mask), plus the decode kernels per head dim and dtype. Scalars are
-    representative values of a real call (they decide Triton's divisibility specialization)."""
+    candidate of the forward, dK/dV and dQ kernels at head dims 64 and 128 (fp16, bf16), 16, 80,
+    96, 256 (fp16; 256 in bf16 too), fp32 at 64/128/256 and fp64 at 64, each in the plain variant
+    (no mask, no dropout) and the heaviest one (causal, float mask, dropout; the forward also
+    with the debug keep mask), the backward preprocess, and the decode kernels. 16-bit matrix
+    products must use tensor cores (wgmma on sm90) wherever the tile has the 64 rows wgmma
+    needs. Scalars are representative values of a real call (they decide Triton's
+    divisibility-by-16 specialization)."""
     cases = []
-    s, seed = 1024, 2**40
+    s, seed, h = 1024, 2**40, 8
     variants = [(False, MASK_NONE, False), (True, MASK_FLOAT, True)]
     plan = [(dt, d) for dt in (torch.float16, torch.bfloat16) for d in (64, 128)]
     plan += [(torch.float16, d) for d in (16, 80, 96, 256)] + [(torch.bfloat16, 256)]
-    plan += [(torch.float32, d) for d in (64, 128, 256)]
+    plan += [(torch.float32, d) for d in (64, 128, 256)] + [(torch.float64, 64)]
     for dtype, d in plan:
         block_d = _head_block(d)
-        _, acc_tl, dot_ieee, fp64 = _acc_types(dtype)
+        acc_dtype, acc_tl, dot_ieee, fp64 = _acc_types(dtype)
         tc = _is_16bit(dtype)
         dname = _dtype_name(dtype)
-        h = 8
         strides_q = (h * s * d, s * d, d)          # contiguous [B, H, S, D]
         for causal, mask_kind, dropout in variants:
             vname = _variant_name(causal, mask_kind, dropout)
             mdt = _mask_dtype(mask_kind, dtype)
-            mstr = (0, 0, s, 1) if mask_kind else (0, 0, 0, 0)
-            flags = dict(CAUSAL=causal, MASK_KIND=mask_kind, DROPOUT=dropout, BLOCK_D=block_d,
-                         BLOCK_DV=block_d, EVEN_D=d == block_d, EVEN_DV=d == block_d, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=False)
+            mstr = (0, 0, s, 1) if mask_kind else (0, 0, 0, 0)     # a [Sq, Sk] mask
+            flags = dict(CAUSAL=causal, MASK_KIND=mask_kind, DROPOUT=dropout, BLOCK_D=block_d, BLOCK_DV=block_d,
+                         EVEN_D=d == block_d, EVEN_DV=d == block_d, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
+                         INTERPRET=False)
             scalars = (0.125, 0.0, 0.1 if dropout else 0.0, 0.0, seed if dropout else 0)
             fwd_plan = [(c, False) for c in fwd_candidates(block_d, dtype, dropout)]
             fwd_plan += [(c, True) for c in keep_candidates(block_d, dtype)] if dropout else []
@@ -1111,13 +1121,12 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
                     name=f"attention_fwd {dname} D={d} {vname}{' keep' if return_keep else ''} "
                          f"M={bm} N={bn} w={warps} s={stages}",
                     kernel=_attn_fwd_kernel,
-                    args=(dtype, dtype, dtype, mdt, dtype, torch.float32, torch.int8,
-                          *strides_q, *strides_q, *strides_q, *mstr,
-                          h, 1, s, s, d, d, *scalars),
+                    args=(dtype, dtype, dtype, mdt, dtype, acc_dtype, torch.int8,
+                          *strides_q, *strides_q, *strides_q, *mstr, h, 1, s, s, d, d, *scalars),
                     constexprs=dict(flags, RETURN_KEEP=return_keep, BLOCK_M=bm, BLOCK_N=bn),
                     grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
-                    expects_tensor_cores=tc))
-            bwd_args = (dtype, dtype, dtype, dtype, torch.float32, torch.float32, mdt)
+                    expects_tensor_cores=tc and bm >= 64))
+            bwd_args = (dtype, dtype, dtype, dtype, acc_dtype, acc_dtype, mdt)
             strides4 = (*strides_q, *strides_q, *strides_q, *strides_q, *mstr)
             for bm, bn, warps, stages in dkdv_candidates(block_d, dtype, dropout):
                 cases.append(GpuCompileCase(
@@ -1125,19 +1134,21 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
                     kernel=_attn_bwd_dkdv_kernel,
                     args=(*bwd_args, dtype, dtype, *strides4, h, h, 1, s, s, d, d, *scalars),
                     constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
-                    grid=(s // bn, 8 * h), num_warps=warps, num_stages=stages, expects_tensor_cores=tc))
+                    grid=(s // bn, 8 * h), num_warps=warps, num_stages=stages,
+                    expects_tensor_cores=tc and bn >= 64))
             for bm, bn, warps, stages in dq_candidates(block_d, dtype, dropout):
                 cases.append(GpuCompileCase(
                     name=f"attention_bwd_dq {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
                     kernel=_attn_bwd_dq_kernel,
                     args=(*bwd_args, dtype, *strides4, h, 1, s, s, d, d, *scalars),
                     constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
-                    grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages, expects_tensor_cores=tc))
+                    grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
+                    expects_tensor_cores=tc and bm >= 64))
         block_m = _preprocess_block_m(block_d)
         cases.append(GpuCompileCase(
             name=f"attention_bwd_preprocess {dname} Dv={d}",
             kernel=_attn_bwd_preprocess_kernel,
-            args=(dtype, dtype, torch.float32, torch.float32, torch.float32, *strides_q, *strides_q, h, s, d),
+            args=(dtype, dtype, acc_dtype, acc_dtype, acc_dtype, *strides_q, *strides_q, h, s, d),
             constexprs=dict(BLOCK_M=block_m, BLOCK_DV=block_d, ACC=acc_tl, FP64=fp64),
             grid=(s // block_m, 8 * h), num_warps=4))
     cases += _decode_compile_cases()
@@ -1145,36 +1156,38 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
 
 
 def _decode_compile_cases() -> list[GpuCompileCase]:
-    """The decode split kernel per (dtype, head dim) and row tile (1 query x 1 head, GQA group of
-    8 x 4 queries, 64 rows), with and without a bool mask, and the combine kernel."""
+    """The decode split kernel per dtype and head dim for the row tiles GQA produces: 1 query of
+    an MHA head, a group of 8 heads x 1 query (with a bool padding mask), 8 x 4 and 8 x 8
+    (two or four row tiles); and the combine kernel. Rows are padded to at least 16 for tl.dot,
+    so the products use mma, not sm90's 64-row wgmma (decode is bound by reading the cache)."""
     cases = []
-    s_max, h, hk = 4096, 32, 8
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        _, acc_tl, dot_ieee, fp64 = _acc_types(dtype)
+    s_max, hk = 4096, 8
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        acc_dtype, acc_tl, dot_ieee, fp64 = _acc_types(dtype)
         dname = _dtype_name(dtype)
-        for d in (64, 80, 128, 256):
+        for d in ((64, 80, 128, 256) if dtype != torch.float64 else (64,)):
             block_d = _head_block(d)
-            block_n, warps, stages = decode_config(block_d, dtype)
-            sq_strides = (h * 4 * d, 4 * d, d)
             kv_strides = (hk * s_max * d, s_max * d, d)
-            for rows, mask_kind in ((1, MASK_NONE), (32, MASK_BOOL), (64, MASK_NONE)):
-                block_m = _decode_block_m(rows)
-                mstr = (s_max, 0, 0, 1) if mask_kind else (0, 0, 0, 0)
+            for group, sq, mask_kind in ((1, 1, MASK_NONE), (8, 1, MASK_BOOL), (8, 4, MASK_NONE), (8, 8, MASK_NONE)):
+                rows, h = group * sq, group * hk
+                block_m = decode_block_m(rows, block_d, dtype)
+                block_n, warps, stages = decode_config(block_m, block_d, dtype)
+                mstr = (s_max, 0, 0, 1) if mask_kind else (0, 0, 0, 0)     # a [B, 1, 1, S_max] mask
                 cases.append(GpuCompileCase(
-                    name=f"attention_decode_split {dname} D={d} rows={rows} "
+                    name=f"attention_decode_split {dname} D={d} group={group} Sq={sq} "
                          f"{['nomask', 'boolmask'][mask_kind]} M={block_m} N={block_n}",
                     kernel=_attn_decode_split_kernel,
-                    args=(dtype, dtype, dtype, torch.int32, _mask_dtype(mask_kind, dtype), torch.float32,
-                          torch.float32, *sq_strides, *kv_strides, *kv_strides, *mstr,
-                          h, hk, h // hk, 4, s_max, d, d, rows, 16, 0.125, 0.0),
+                    args=(dtype, dtype, dtype, torch.int32, _mask_dtype(mask_kind, dtype), acc_dtype, acc_dtype,
+                          h * sq * d, sq * d, d, *kv_strides, *kv_strides, *mstr,
+                          hk, group, sq, s_max, d, d, 16, 0.125, 0.0),
                     constexprs=dict(MASK_KIND=mask_kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                                    BLOCK_DV=block_d, EVEN_D=d == block_d, EVEN_DV=d == block_d, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
-                                    INTERPRET=False),
-                    grid=(16, 8 * hk, 1), num_warps=warps, num_stages=stages))
+                                    BLOCK_DV=block_d, EVEN_D=d == block_d, EVEN_DV=d == block_d, ACC=acc_tl,
+                                    DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=False),
+                    grid=(16, 8 * hk, triton.cdiv(rows, block_m)), num_warps=warps, num_stages=stages))
             cases.append(GpuCompileCase(
                 name=f"attention_decode_combine {dname} Dv={d}",
                 kernel=_attn_decode_combine_kernel,
-                args=(torch.float32, torch.float32, dtype, torch.float32, 16, d),
+                args=(acc_dtype, acc_dtype, dtype, acc_dtype, 16, d),
                 constexprs=dict(BLOCK_S=16, BLOCK_DV=block_d, ACC=acc_tl),
-                grid=(8 * h,), num_warps=4))
+                grid=(8 * 8 * hk,), num_warps=4))
     return cases
