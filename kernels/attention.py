@@ -28,6 +28,11 @@ Decode (flash-decoding): the valid keys [0, L_b) of each (batch, kv head) are sp
 (K/V read once per group) and writes a partial (out, lse); a combine kernel merges the splits
 with their log-sum-exps.
 
+Bounds: inside the loops, rows past Sq or Sk are read from the last valid row (clamped indices)
+and their scores discarded, so the loops carry no load predicates (each costs a scalar register
+pair on AMD); head dims that are powers of two (EVEN_D/EVEN_DV) need no head-dim mask. fp32 and
+fp64 products are exact ("ieee", as torch's matmul), 16-bit ones go to the tensor cores.
+
 Memory traffic, s-byte elements, G = Hq / Hk (what bench/ counts as bytes moved; masks add
 B*Hq*Sq*Sk*mask_bytes read at most, less when broadcast, and the debug keep mask B*Hq*Sq*Sk
 bytes written):
@@ -1040,6 +1045,8 @@ def _common_limits(q, k, v, mask) -> Optional[str]:
     for name, t in (("query", q), ("key", k), ("value", v)) + ((("mask", mask),) if mask is not None else ()):
         if _span(t) > _INT32_MAX:
             return f"{name} spans more than 2^31 elements per head (int32 indexing)"
+    if max(q.shape[2], k.shape[2]) * max(d, dv) > _INT32_MAX:
+        return "a head of the contiguous outputs (dq, dk, dv, out) spans more than 2^31 elements"
     if q.shape[0] * q.shape[1] > _INT32_MAX:
         return "more than 2^31 (batch, head) pairs"
     return None
