@@ -2,7 +2,9 @@
 
 Outputs are compared with the reference computed in float64. The allowed error of a result in
 dtype d is 2x the error plain PyTorch makes in the same dtype on the same inputs (the baseline),
-plus eps(d) at the output's scale; float64 results must agree to 1e-10 relative.
+plus eps(d) at the result's scale; float64 results must agree to 1e-10 relative. The scale is the
+result's magnitude, or a caller-given magnitude of the terms that were summed into it when that
+is larger (a gradient that cancels to 0 still carries the rounding of its terms).
 """
 import torch
 
@@ -14,12 +16,13 @@ def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def assert_matches_reference(actual: torch.Tensor, expected64: torch.Tensor, baseline: torch.Tensor = None,
-                             name: str = "output") -> None:
+                             name: str = "output", terms_scale: float = 0.0) -> None:
     """actual: the engine's result; expected64: the float64 reference; baseline: plain PyTorch's
-    result in actual's dtype (required below float64)."""
+    result in actual's dtype (required below float64); terms_scale: the magnitude of the terms
+    summed into the result, when it can exceed the result's own."""
     assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     assert not torch.isnan(actual).any(), f"{name}: NaN in the result (an element left unwritten?)"
-    scale = max(1.0, expected64.abs().max().item()) if expected64.numel() else 1.0
+    scale = max(1.0, terms_scale, expected64.abs().max().item() if expected64.numel() else 0.0)
     error = max_error(actual, expected64)
     if actual.dtype == torch.float64:
         allowed = 1e-10 * scale

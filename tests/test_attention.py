@@ -134,9 +134,13 @@ def test_matches_reference_and_torch(case, backend, device):
     mask64 = mask.double() if mask is not None and mask.is_floating_point() else mask
     expected = outputs_and_grads(lambda q, k, v: reference.attention(q, k, v, mask64, case.causal,
                                                                      1 / math.sqrt(case.d))[0], q64, k64, v64, g)
+    # dq and dk sum terms dS = P * (dP - Delta) that cancel exactly when a row sees a single key;
+    # their rounding scales with |dO| |V| |K or Q| (dO is standard normal: |dO| <= ~4), not with
+    # the result, which is then 0. It matters in fp32 only: below it torch's own error dominates.
+    terms = 4 * (v.abs().max() * torch.maximum(q.abs().max(), k.abs().max())).item() if case.dtype == fp32 else 0.0
     for name, actual, exp, base in zip(["out", "dq", "dk", "dv"], ours, expected, baseline):
         assert actual.dtype == case.dtype and actual.shape == exp.shape
-        assert_matches_reference(actual, exp, base, name=name)
+        assert_matches_reference(actual, exp, base, name=name, terms_scale=terms if name in ("dq", "dk") else 0.0)
     hidden = ~visible_rows(mask, case.causal, (case.b, case.hq, case.sq, case.sk))
     if hidden.any():  # rows with no visible key: zeros, zero query gradients
         assert (ours[0][hidden] == 0).all() and (ours[1][hidden] == 0).all()
