@@ -313,7 +313,8 @@ def _linear_bwd_dx_kernel(
     GROUP: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_m, pid_k = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP)
+    # at least one K tile: with K == 0 the programs still write the bias partial sums
+    pid_m, pid_k = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # [BM] rows of dx
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)   # [BK] columns of dx
     offs_n = tl.arange(0, BLOCK_N)
