@@ -498,6 +498,8 @@ def _prune(kind: str, pointer_name: str, size_names: tuple):
         mine = [c for c in configs
                 if (c.kwargs[names[0]], c.kwargs[names[1]], c.kwargs[names[2]], c.num_warps, c.num_stages)
                 in allowed]
+        if not mine:
+            raise ValueError(f"no {kind} config for {dtype} on a GPU (supports() rejects this call)")
         rows, cols = (named_args[s] for s in size_names)
         smallest_rows = min(c.kwargs[names[0]] for c in mine)
         smallest_cols = min(c.kwargs[names[1]] for c in mine)
