@@ -140,7 +140,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
     }
 #endif
     TORCH_CHECK(q.is_cpu(), "attention: this build runs CPU tensors only");
-    cpu::attention_forward(args, cpu_threads());
+    cpu::attention_forward(args, cpu_threads(q.numel() + k.numel() + v.numel()));
   });
   return {out, lse, keep};
 }
@@ -189,7 +189,7 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& grad_out, const at:
     if (q.is_cuda()) return cuda::attention_backward(args, current_stream());
 #endif
     TORCH_CHECK(q.is_cpu(), "attention: this build runs CPU tensors only");
-    cpu::attention_backward(args, cpu_threads());
+    cpu::attention_backward(args, cpu_threads(q.numel() + k.numel() + v.numel()));
   });
   return {dq, dk, dv};
 }
@@ -231,7 +231,7 @@ std::vector<at::Tensor> attention_decode(const at::Tensor& q, const at::Tensor& 
     }
 #endif
     TORCH_CHECK(q.is_cpu(), "attention: this build runs CPU tensors only");
-    cpu::attention_decode(args, cpu_threads());
+    cpu::attention_decode(args, cpu_threads(q.numel() + k_cache.numel() + v_cache.numel()));
   });
   return {out, lse};
 }

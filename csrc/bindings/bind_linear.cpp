@@ -478,7 +478,7 @@ at::Tensor gelu_forward(const at::Tensor& x, const std::string& approximate) {
     if (input.is_cuda()) return cuda::gelu_forward(in, out, count, tanh, current_stream());
 #endif
     TORCH_CHECK(input.is_cpu(), "gelu: this build runs CPU tensors only");
-    cpu::gelu_forward(in, out, count, tanh, cpu_threads());
+    cpu::gelu_forward(in, out, count, tanh, cpu_threads(count));
   });
   return y;
 }
@@ -500,7 +500,7 @@ at::Tensor gelu_backward(const at::Tensor& grad_y, const at::Tensor& x, const st
     if (input.is_cuda()) return cuda::gelu_backward(dy, in, out, count, tanh, current_stream());
 #endif
     TORCH_CHECK(input.is_cpu(), "gelu: this build runs CPU tensors only");
-    cpu::gelu_backward(dy, in, out, count, tanh, cpu_threads());
+    cpu::gelu_backward(dy, in, out, count, tanh, cpu_threads(count));
   });
   return dx;
 }

@@ -281,7 +281,7 @@ void gelu_forward(const T* x, T* y, int64_t count, bool tanh, int num_threads) {
   const int64_t chunks = (count + kChunk - 1) / kChunk;
   with_activation(tanh ? Activation::kGeluTanh : Activation::kGelu, [&](auto act) {
     constexpr Activation kAct = decltype(act)::value;
-#pragma omp parallel num_threads(chunks > 1 ? num_threads : 1)
+#pragma omp parallel num_threads(num_threads)
     {
       std::vector<A> in_buffer(kChunk), out_buffer(kChunk);
 #pragma omp for schedule(static)
@@ -303,7 +303,7 @@ void gelu_backward(const T* grad_y, const T* x, T* dx, int64_t count, bool tanh,
   const int64_t chunks = (count + kChunk - 1) / kChunk;
   with_activation(tanh ? Activation::kGeluTanh : Activation::kGelu, [&](auto act) {
     constexpr Activation kAct = decltype(act)::value;
-#pragma omp parallel num_threads(chunks > 1 ? num_threads : 1)
+#pragma omp parallel num_threads(num_threads)
     {
       std::vector<A> x_buffer(kChunk), grad_buffer(kChunk), out_buffer(kChunk);
 #pragma omp for schedule(static)
