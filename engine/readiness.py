@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -30,7 +31,7 @@ import sys
 import tempfile
 import time
 import traceback
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -320,17 +321,29 @@ def _restore_driver():
         pass  # no GPU driver on this machine (the usual case here): nothing to restore
 
 
-def compile_triton_cases(name_filter=None, extra_modules=()) -> list[KernelReport]:
-    cases, reports = discover_cases(extra_modules)
+def _compile_triton_share(share: int, shares: int, name_filter, extra_modules) -> list[KernelReport]:
+    """Compile every shares-th (case, target) job, starting at job `share`, in this process."""
+    cases, _ = discover_cases(extra_modules)
+    jobs = [(module, case, target) for module, case in cases
+            if not name_filter or name_filter in case.name for target in TARGET_SPECS]
     try:
-        for module, case in cases:
-            if name_filter and name_filter not in case.name:
-                continue
-            for target_name in TARGET_SPECS:
-                reports.append(compile_case(module, case, target_name))
+        return [compile_case(*job) for job in jobs[share::shares]]
     finally:
         _restore_driver()
-    return reports
+
+
+def compile_triton_cases(name_filter=None, extra_modules=()) -> list[KernelReport]:
+    """Reports for every case x target, in case order. Compiling is CPU-bound Python and LLVM
+    (about 0.1-3 s a job, over a thousand jobs), so the jobs are shared out to one process per
+    core; each process discovers the cases itself (kernels do not pickle)."""
+    _, reports = discover_cases(extra_modules)  # reports: modules that failed to give cases
+    shares = os.cpu_count() or 1
+    with ProcessPoolExecutor(max_workers=shares, mp_context=multiprocessing.get_context("spawn")) as pool:
+        parts = list(pool.map(_compile_triton_share, range(shares), [shares] * shares,
+                              [name_filter] * shares, [tuple(extra_modules)] * shares))
+    # job j was compiled by process j % shares as its (j // shares)-th job
+    jobs = sum(len(part) for part in parts)
+    return reports + [parts[j % shares][j // shares] for j in range(jobs)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,4 +516,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run main() from the importable module, not __main__, so that the compile processes
+    # unpickle their reports as engine.readiness.KernelReport.
+    from engine.readiness import main as readiness_main
+    sys.exit(readiness_main())
