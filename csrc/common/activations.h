@@ -37,6 +37,18 @@ namespace engine {
 // so that each loop is compiled (and vectorized) for one activation.
 enum class Activation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
 
+// Calls fn(std::integral_constant<Activation, a>{}) for the runtime activation a (host code:
+// the kernel launchers pick the template instantiation with it).
+template <typename Fn>
+void with_activation(Activation activation, Fn&& fn) {
+  switch (activation) {
+    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
+    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
+    default: return fn(std::integral_constant<Activation, Activation::kNone>{});
+  }
+}
+
 namespace activation_math {
 
 constexpr double kSqrtHalf = 0.70710678118654752440;      // 1 / sqrt(2)

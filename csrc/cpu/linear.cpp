@@ -224,17 +224,6 @@ ENGINE_FLATTEN void backward_tile(const LinearBackwardTile<T, G>& t, acc_t<T>* s
   }
 }
 
-// Calls fn(std::integral_constant<Activation, a>{}) for the runtime activation a.
-template <typename Fn>
-void with_activation(Activation activation, Fn&& fn) {
-  switch (activation) {
-    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
-    default: return fn(std::integral_constant<Activation, Activation::kNone>{});
-  }
-}
-
 }  // namespace
 
 template <typename T, typename P>

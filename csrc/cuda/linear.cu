@@ -190,16 +190,6 @@ constexpr int vector_width() {
 
 bool aligned(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-template <typename Fn>
-void with_activation(Activation activation, Fn&& fn) {
-  switch (activation) {
-    case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
-    case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
-    case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
-    default: return fn(std::integral_constant<Activation, Activation::kNone>{});
-  }
-}
-
 template <typename T, int kVec>
 dim3 row_grid(int64_t rows, int64_t cols, int64_t grid_rows) {
   const int64_t col_blocks = (cols + int64_t(kThreads) * kVec - 1) / (int64_t(kThreads) * kVec);

@@ -1,7 +1,7 @@
 """Importing transformers checkpoints into engine models: from a transformers model object or a
 local save_pretrained folder (safetensors or PyTorch weights); nothing is downloaded.
 
-Sections: GPT-2 (engine.models.GPT) and BERT (engine.models.BERT), each self-contained.
+Sections: GPT-2 (engine.models.GPT), BERT (engine.models.BERT), and reading a checkpoint (shared).
 """
 import json
 import os
@@ -28,7 +28,7 @@ def gpt_from_hf(model_or_dir, dtype=None):
     GPT.from_hf), in eval mode. dtype: None keeps the checkpoint's floating dtype."""
     from engine.models.gpt import GPT
 
-    hf_config, state = _gpt2_read(model_or_dir)
+    hf_config, state = _read_checkpoint(model_or_dir, "GPT-2")
     config = gpt_config_from_hf(hf_config)
     ours = gpt_state_dict_from_hf(state, config)
     if dtype is None:
@@ -108,52 +108,6 @@ def gpt_state_dict_from_hf(state, config):
     return out
 
 
-def _gpt2_read(model_or_dir):
-    """(config, state_dict) of a transformers GPT-2 object (its config object and tensors) or of
-    a local folder (the config.json dict and the weights read from disk)."""
-    if isinstance(model_or_dir, torch.nn.Module):
-        if not hasattr(model_or_dir, "config"):
-            raise TypeError(f"expected a transformers GPT-2 model, got {type(model_or_dir).__name__} (no .config)")
-        return model_or_dir.config, model_or_dir.state_dict()
-    if not isinstance(model_or_dir, (str, os.PathLike)):
-        raise TypeError(f"model_or_dir must be a transformers model or a local folder, got "
-                        f"{type(model_or_dir).__name__}")
-    folder = os.fspath(model_or_dir)
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder!r} is not a local folder (nothing is downloaded: pass a directory "
-                                "written by save_pretrained, or a model object)")
-    config_path = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"no config.json in {folder!r}")
-    with open(config_path) as f:
-        config = json.load(f)
-    return config, _gpt2_read_weights(folder)
-
-
-def _gpt2_read_weights(folder):
-    """Every tensor of a save_pretrained folder: model.safetensors or its sharded index first,
-    then pytorch_model.bin or its index (loaded with weights_only=True: tensors, no code)."""
-    def load(path):
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-    for single, index in (("model.safetensors", "model.safetensors.index.json"),
-                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
-        if os.path.isfile(os.path.join(folder, single)):
-            return load(os.path.join(folder, single))
-        if os.path.isfile(os.path.join(folder, index)):
-            with open(os.path.join(folder, index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            state = {}
-            for shard in shards:
-                state.update(load(os.path.join(folder, shard)))
-            return state
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or their .index.json) in {folder!r}")
-
-
 # =============================================================================================
 # BERT (transformers' BertModel, BertForMaskedLM, BertForSequenceClassification, BertForPreTraining)
 # -> engine.models.BERT. Everything in this section is prefixed `bert_` / `_bert_`.
@@ -163,7 +117,7 @@ def bert_from_hf(model_or_dir, num_labels=None):
     """engine.models.BERT with the weights of a transformers BERT object or a local folder
     (see BERT.from_hf). num_labels overrides the checkpoint's (a fresh classifier then)."""
     from engine.models.bert import BERT
-    hf_config, state = _bert_read(model_or_dir)
+    hf_config, state = _read_checkpoint(model_or_dir, "BERT")
     config = bert_config_from_hf(hf_config)
     if num_labels is not None:
         config.num_labels = num_labels
@@ -274,12 +228,16 @@ def bert_state_dict_from_hf(state, config):
     return out
 
 
-def _bert_read(model_or_dir):
-    """(config, state_dict) of a transformers model object (its config object, its tensors) or
-    of a local folder (the config.json dict, the weights read from disk)."""
+# =============================================================================================
+# Reading a checkpoint, shared by both sections.
+
+def _read_checkpoint(model_or_dir, family):
+    """(config, state_dict) of a transformers `family` ("GPT-2", "BERT") model object (its config
+    object and tensors) or of a local save_pretrained folder (the config.json dict and the
+    weights read from disk)."""
     if isinstance(model_or_dir, torch.nn.Module):
         if not hasattr(model_or_dir, "config"):
-            raise TypeError(f"expected a transformers BERT model, got {type(model_or_dir).__name__} (no .config)")
+            raise TypeError(f"expected a transformers {family} model, got {type(model_or_dir).__name__} (no .config)")
         return model_or_dir.config, model_or_dir.state_dict()
     if not isinstance(model_or_dir, (str, os.PathLike)):
         raise TypeError(f"model_or_dir must be a transformers model or a local folder, got "
@@ -288,29 +246,33 @@ def _bert_read(model_or_dir):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder!r} is not a local folder (nothing is downloaded: pass a directory "
                                 "written by save_pretrained, or a model object)")
-    with open(os.path.join(folder, "config.json")) as f:
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in {folder!r}")
+    with open(config_path) as f:
         config = json.load(f)
-    return config, _bert_read_weights(folder)
+    return config, _read_weights(folder)
 
 
-def _bert_read_weights(folder):
-    """Every tensor of a save_pretrained folder: model.safetensors, its sharded index, or
-    pytorch_model.bin (and its index), in that order of preference."""
-    def load_one(path):
+def _read_weights(folder):
+    """Every tensor of a save_pretrained folder: model.safetensors or its sharded index first,
+    then pytorch_model.bin or its index (loaded with weights_only=True: tensors, no code)."""
+    def load(path):
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
+
             return load_file(path, device="cpu")
         return torch.load(path, map_location="cpu", weights_only=True)
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if os.path.isfile(os.path.join(folder, single)):
-            return load_one(os.path.join(folder, single))
+            return load(os.path.join(folder, single))
         if os.path.isfile(os.path.join(folder, index)):
             with open(os.path.join(folder, index)) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
             state = {}
             for shard in shards:
-                state.update(load_one(os.path.join(folder, shard)))
+                state.update(load(os.path.join(folder, shard)))
             return state
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or their .index.json) in {folder!r}")
