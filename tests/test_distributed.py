@@ -88,6 +88,9 @@ def _worker(rank: int, port: int, kind: str, out_path: str) -> None:
             params = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save({"grads": grads, "params": params}, out_path)
+        # Tear down together: a rank that destroys the group while its peer still has gloo work
+        # in flight aborted once (SIGABRT, "terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
