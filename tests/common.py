@@ -5,8 +5,21 @@ dtype d is 2x the error plain PyTorch makes in the same dtype on the same inputs
 plus eps(d) at the result's scale; float64 results must agree to 1e-10 relative. The scale is the
 result's magnitude, or a caller-given magnitude of the terms that were summed into it when that
 is larger (a gradient that cancels to 0 still carries the rounding of its terms).
+
+Also the small GPT that the model tests (GPT, torch.compile, distributed) share.
 """
 import torch
+
+from engine.models import GPT, GPTConfig
+
+# The model tests' GPT: 2 layers, width 32, 4 heads, 101 tokens, 32 positions.
+TINY_GPT_CONFIG = dict(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32)
+
+
+def tiny_gpt(**overrides) -> GPT:
+    """engine.models.GPT of TINY_GPT_CONFIG with `overrides`, its weights drawn under seed 0."""
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY_GPT_CONFIG, **overrides}))
 
 
 def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -8,17 +8,11 @@ from torch._dynamo.backends.registry import lookup_backend
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from engine import backends
-from engine.models import GPT, GPTConfig
 from engine.training import next_token_targets
 
-VOCAB = 101
+from common import TINY_GPT_CONFIG, tiny_gpt
 
-
-def tiny(**overrides) -> GPT:
-    args = dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=32)
-    args.update(overrides)
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**args))
+VOCAB = TINY_GPT_CONFIG["vocab_size"]
 
 
 def batch():
@@ -63,7 +57,7 @@ def test_fullgraph_traces_engine_ops_and_matches_eager():
         graphs.append(gm)
         return lookup_backend("aot_eager")(gm, example_inputs)
 
-    model = tiny()
+    model = tiny_gpt()
     ids, targets, mask = batch()
     expected = step(model, ids, targets, mask)
     compiled = torch.compile(model, fullgraph=True, backend=recording_backend)
@@ -75,7 +69,7 @@ def test_fullgraph_traces_engine_ops_and_matches_eager():
 
 
 def test_fullgraph_inductor_matches_eager():
-    model = tiny()
+    model = tiny_gpt()
     ids, targets, mask = batch()
     expected = step(model, ids, targets, mask)
     compiled = torch.compile(model, fullgraph=True)
@@ -87,7 +81,7 @@ def test_backend_choice_is_guarded():
     """The automatic choice and an explicit use("reference") trace separately (a recompile),
     both giving eager's results."""
     counter = CompileCounterWithBackend("aot_eager")
-    model = tiny(n_layer=1)
+    model = tiny_gpt(n_layer=1)
     ids, targets, mask = batch()
     expected = step(model, ids, targets, mask)
     compiled = torch.compile(model, fullgraph=True, backend=counter)
@@ -108,7 +102,7 @@ def test_backend_choice_is_guarded():
 
 def test_fullgraph_with_dropout_in_training_mode():
     """Dropout draws its seed inside the custom ops; the graph still has no break."""
-    model = tiny(dropout=0.1)
+    model = tiny_gpt(dropout=0.1)
     model.train()
     ids, targets, mask = batch()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
@@ -126,7 +120,7 @@ def test_fullgraph_on_the_triton_backend():
     state = backends.status("triton")
     if not state.available or "cpu" not in state.devices:
         pytest.skip(f"triton does not run on CPU tensors here: {state.reason}")
-    model = tiny(n_layer=1, n_embd=32, n_head=2)
+    model = tiny_gpt(n_layer=1, n_embd=32, n_head=2)
     ids, targets, mask = batch()
     expected = step(model, ids, targets, mask)
     with backends.use("triton"):

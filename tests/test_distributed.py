@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.models import GPT, GPTConfig
+from common import TINY_GPT_CONFIG, tiny_gpt
 
 WORLD = 2
 
@@ -27,17 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model() -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=4, n_embd=32))
-
-
 def global_batch():
     """4 sequences of 9 tokens (targets as nanoGPT's: the next tokens), the last two left-padded
     differently so that each rank's half holds a padding mask."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, 101, (4, 9), generator=g)
-    targets = torch.randint(0, 101, (4, 9), generator=g)
+    ids = torch.randint(0, TINY_GPT_CONFIG["vocab_size"], (4, 9), generator=g)
+    targets = torch.randint(0, TINY_GPT_CONFIG["vocab_size"], (4, 9), generator=g)
     mask = torch.ones(4, 9, dtype=torch.long)
     mask[1, :2] = 0
     mask[3, :5] = 0
@@ -58,7 +53,7 @@ def loss_of(model, ids, targets, mask, total_targets):
 def _worker(rank: int, port: int, kind: str, out_path: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
     try:
-        model = make_model()
+        model = tiny_gpt()
         ids, targets, mask = global_batch()
         total = int((targets != -100).sum())
         part = slice(rank * 2, rank * 2 + 2)
@@ -96,7 +91,7 @@ def _worker(rank: int, port: int, kind: str, out_path: str) -> None:
 
 
 def single_process_reference():
-    model = make_model()
+    model = tiny_gpt()
     ids, targets, mask = global_batch()
     loss_of(model, ids, targets, mask, int((targets != -100).sum())).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}

@@ -12,8 +12,9 @@ transformers = pytest.importorskip("transformers")
 from engine import backends  # noqa: E402
 from engine.models import GPT, GPTConfig  # noqa: E402
 from engine.training import IGNORE_INDEX, next_token_targets  # noqa: E402
+from common import TINY_GPT_CONFIG, tiny_gpt  # noqa: E402
 
-VOCAB, SEQ, BATCH = 101, 11, 3
+VOCAB, SEQ, BATCH = TINY_GPT_CONFIG["vocab_size"], 11, 3
 ATOL = 2e-5  # fp32 activations of O(1) through two blocks: two different summation orders
 
 
@@ -44,19 +45,12 @@ def inputs(seed=1):
     return ids, mask
 
 
-def tiny(**overrides) -> GPT:
-    args = dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=32)
-    args.update(overrides)
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**args))
-
-
 # ---------------------------------------------------------------------------------------------
 # Structure
 
 
 def test_module_names_are_nanogpts_and_embeddings_are_tied():
-    model = tiny()
+    model = tiny_gpt()
     names = set(dict(model.named_parameters(remove_duplicate=False)))
     expected = {"transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
                 "transformer.ln_f.bias", "lm_head.weight"}
@@ -70,7 +64,7 @@ def test_module_names_are_nanogpts_and_embeddings_are_tied():
 
 
 def test_no_bias_config_has_no_biases():
-    model = tiny(bias=False)
+    model = tiny_gpt(bias=False)
     assert not [n for n, _ in model.named_parameters() if n.endswith("bias")]
     logits, loss = model(torch.randint(0, VOCAB, (2, 5)), torch.randint(0, VOCAB, (2, 5)))
     assert logits.shape == (2, 5, VOCAB) and torch.isfinite(loss)
@@ -79,14 +73,13 @@ def test_no_bias_config_has_no_biases():
 @pytest.mark.parametrize("field, value", [("n_embd", 30), ("n_head", 0), ("dropout", 1.0), ("activation", "swish"),
                                           ("vocab_size", 2.5), ("n_inner", 0)])
 def test_bad_config_raises(field, value):
-    args = dict(vocab_size=VOCAB, block_size=32, n_layer=2, n_head=4, n_embd=32)
-    args[field] = value
+    args = {**TINY_GPT_CONFIG, field: value}
     with pytest.raises(ValueError, match=field):
         GPTConfig(**args)
 
 
 def test_bad_inputs_raise():
-    model = tiny()
+    model = tiny_gpt()
     with pytest.raises(TypeError, match="idx"):
         model(torch.randn(2, 5))
     with pytest.raises(ValueError, match="block_size"):
@@ -102,7 +95,7 @@ def test_bad_inputs_raise():
 
 
 def test_loss_is_mean_cross_entropy_over_kept_targets():
-    model = tiny()
+    model = tiny_gpt()
     ids = torch.randint(0, VOCAB, (2, 9))
     targets = next_token_targets(ids)
     targets[1, :3] = IGNORE_INDEX
@@ -126,7 +119,7 @@ def test_loss_matches_transformers_labels():
 
 
 def test_backward_reaches_every_parameter():
-    model = tiny()
+    model = tiny_gpt()
     ids = torch.randint(0, VOCAB, (2, 7))
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, :2] = 0
@@ -138,7 +131,7 @@ def test_backward_reaches_every_parameter():
 
 def test_gradients_match_an_unfused_torch_gpt():
     """The fused residual/norm/MLP path gives torch autograd's gradients of the plain math."""
-    model = tiny()
+    model = tiny_gpt()
     ids = torch.randint(0, VOCAB, (2, 7))
     targets = next_token_targets(ids)
     _, loss = model(ids, targets)
@@ -177,7 +170,7 @@ def _plain_gpt_loss(p, config, ids, targets):
 
 
 def test_dropout_applies_in_training_mode_only():
-    model = tiny(dropout=0.2)
+    model = tiny_gpt(dropout=0.2)
     ids = torch.randint(0, VOCAB, (2, 9))
     model.eval()
     with torch.no_grad():
@@ -188,7 +181,7 @@ def test_dropout_applies_in_training_mode_only():
     with torch.no_grad():
         c, d = model(ids)[0], model(ids)[0]
     assert not torch.allclose(c, a) and not torch.allclose(c, d)
-    no_dropout = tiny()
+    no_dropout = tiny_gpt()
     no_dropout.train()
     with torch.no_grad():
         torch.testing.assert_close(no_dropout(ids)[0], no_dropout.eval()(ids)[0])
@@ -342,7 +335,7 @@ def test_every_backend_gives_the_same_model(backend):
     state = backends.status(backend)
     if not state.available or "cpu" not in state.devices:
         pytest.skip(f"{backend} does not run on CPU tensors here: {state.reason}")
-    model = tiny(n_layer=1, block_size=16, n_embd=32, n_head=2)
+    model = tiny_gpt(n_layer=1, block_size=16, n_embd=32, n_head=2)
     ids = torch.randint(0, VOCAB, (2, 5))
     mask = torch.ones(2, 5, dtype=torch.long)
     mask[1, :2] = 0
