@@ -1,15 +1,15 @@
 """Numerical checks shared by the kernel tests (DESIGN.md, "Tests").
 
-Outputs are compared with the reference computed in float64. The allowed error of a result in
-dtype d is 2x the error plain PyTorch makes in the same dtype on the same inputs (the baseline),
-plus eps(d) at the result's scale; float64 results must agree to 1e-10 relative. The scale is the
-result's magnitude, or a caller-given magnitude of the terms that were summed into it when that
-is larger (a gradient that cancels to 0 still carries the rounding of its terms).
+Outputs are compared with the reference computed in float64, under the project's accuracy rule
+(engine/accuracy.py): 2x the error plain PyTorch makes in the same dtype on the same inputs, plus
+eps at the result's scale (widened for long fp32 reductions); float64 results must agree to 1e-10
+relative.
 
 Also the small GPT that the model tests (GPT, torch.compile, distributed) share.
 """
 import torch
 
+from engine.accuracy import allowed_error, max_error
 from engine.models import GPT, GPTConfig
 
 # The model tests' GPT: 2 layers, width 32, 4 heads, 101 tokens, 32 positions.
@@ -22,24 +22,14 @@ def tiny_gpt(**overrides) -> GPT:
     return GPT(GPTConfig(**{**TINY_GPT_CONFIG, **overrides}))
 
 
-def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    if actual.numel() == 0:
-        return 0.0
-    return (actual.double() - expected.double()).abs().max().item()
-
-
 def assert_matches_reference(actual: torch.Tensor, expected64: torch.Tensor, baseline: torch.Tensor = None,
-                             name: str = "output", terms_scale: float = 0.0) -> None:
+                             name: str = "output", terms_scale: float = 0.0, reduction_length: int = 1) -> None:
     """actual: the engine's result; expected64: the float64 reference; baseline: plain PyTorch's
     result in actual's dtype (required below float64); terms_scale: the magnitude of the terms
-    summed into the result, when it can exceed the result's own."""
+    summed into the result, when it can exceed the result's own; reduction_length: how many terms
+    are summed into each element (engine/accuracy.py says how it widens the fp32 allowance)."""
     assert actual.shape == expected64.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected64.shape)}"
     assert not torch.isnan(actual).any(), f"{name}: NaN in the result (an element left unwritten?)"
-    scale = max(1.0, terms_scale, expected64.abs().max().item() if expected64.numel() else 0.0)
     error = max_error(actual, expected64)
-    if actual.dtype == torch.float64:
-        allowed = 1e-10 * scale
-    else:
-        assert baseline is not None, "a baseline in the same dtype is needed below float64"
-        allowed = 2 * max_error(baseline, expected64) + torch.finfo(actual.dtype).eps * scale
+    allowed = allowed_error(actual.dtype, expected64, baseline, terms_scale, reduction_length)
     assert error <= allowed, f"{name}: max error {error:.3g} > allowed {allowed:.3g} ({actual.dtype})"
