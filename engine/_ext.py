@@ -11,7 +11,9 @@ import functools
 import glob
 import os
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+# engine/csrc: in the repository a link to the top-level csrc/, in an installed wheel a copy. The
+# resolved path keeps compiler messages (and torch's build cache) on the real files.
+CSRC = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
 
 
 class BuildError(RuntimeError):

@@ -205,8 +205,8 @@ class _StandInDriver:
 def discover_cases(extra_modules=()) -> tuple[list, list[KernelReport]]:
     """[(module name, GpuCompileCase)] from every kernels module with gpu_compile_cases(), plus
     extra_modules; and an error report for each module that fails to import or to list cases."""
-    import kernels
-    names = [f"kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__)
+    from engine import kernels
+    names = [f"engine.kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__)
              if m.name != "common" and not m.name.startswith("_")]
     cases, errors = [], []
     for name in names + list(extra_modules):

@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRET, GpuCompileCase, next_power_of_2
+from engine.kernels.common import INTERPRET, GpuCompileCase, next_power_of_2
 
 _LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): natural units -> log2 units
 _LN2 = tl.constexpr(0.6931471805599453)     # ln(2): log2 units -> natural units

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import GpuCompileCase, next_power_of_2, row_num_warps
+from engine.kernels.common import GpuCompileCase, next_power_of_2, row_num_warps
 
 MAX_BLOCK_N_FORWARD = 8192
 MAX_BLOCK_N_BACKWARD = 4096

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common import INTERPRET, TORCH_TO_TL, GpuCompileCase
+from engine.kernels.common import INTERPRET, TORCH_TO_TL, GpuCompileCase
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

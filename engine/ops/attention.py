@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import kernels.attention as triton_kernels
+import engine.kernels.attention as triton_kernels
 from engine import backends, reference
 
 OP = "attention"

@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import kernels.layer_norm as triton_kernels
+import engine.kernels.layer_norm as triton_kernels
 from engine import _ext, backends, reference
 
 OP = "layer_norm"

@@ -83,7 +83,7 @@ def _reference_gelu_backward(grad_y, x, approximate):
 backends.register(OP, "reference", _reference_forward, _reference_backward)
 backends.register(GELU_OP, "reference", _reference_gelu, _reference_gelu_backward)
 # (triton, cpu and cuda register here as their kernels land)
-import kernels.linear as triton_kernels  # noqa: E402
+import engine.kernels.linear as triton_kernels  # noqa: E402
 
 backends.register(OP, "triton", triton_kernels.linear_fwd, triton_kernels.linear_bwd, triton_kernels.supports)
 backends.register(GELU_OP, "triton", triton_kernels.gelu_fwd, triton_kernels.gelu_bwd, triton_kernels.supports_gelu)
