@@ -33,6 +33,7 @@ class Case:
     sweep: dict = field(default_factory=dict)  # x-axis values for plots, e.g. {"width": 768}
     baseline: str = BASELINE     # the implementation speedups are measured against
     unchecked: tuple = ()        # implementations timed for comparison only (a different op)
+    threads: Optional[int] = None  # torch.set_num_threads for this case only (None: the run's setting)
 
 
 @dataclass
@@ -134,7 +135,12 @@ def run_case(case: Case, device: torch.device, ceilings: Ceilings, repeats: int)
     expected = case.expected()
     errors = {name: None if name in case.unchecked else max_error(fn(), expected)
               for name, fn in case.implementations.items()}
-    times = median_seconds(case.implementations, device, repeats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(case.threads or threads)
+    try:
+        times = median_seconds(case.implementations, device, repeats)
+    finally:
+        torch.set_num_threads(threads)
     base = times.get(case.baseline)
     rows = []
     for name, seconds in times.items():
