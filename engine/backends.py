@@ -4,7 +4,10 @@
 
 Backends:
     reference  plain torch (engine/reference.py): the test oracle and the fallback; always there
-    triton     kernels/*.py: CUDA/ROCm tensors, or CPU tensors under TRITON_INTERPRET=1
+    triton     kernels/*.py (imported as engine.kernels.<op>): CUDA/ROCm tensors, or CPU tensors
+               under TRITON_INTERPRET=1. Registered by module and function names (register_module)
+               and imported when the backend is first asked for, so `import engine` works without
+               triton.
     cpu        csrc/cpu/*.cpp through the C++ extension (engine/_ext.py), CPU tensors
     cuda       csrc/cuda/*.cu through the C++ extension, CUDA tensors
 
@@ -18,6 +21,7 @@ Choosing (engine.functional calls `select` once per op call):
 """
 import contextlib
 import functools
+import importlib
 import logging
 import os
 import threading
@@ -57,6 +61,38 @@ def register(op: str, backend: str, forward: Callable, backward: Optional[Callab
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
     _registry.setdefault(op, {})[backend] = Implementation(forward, backward, supports)
+
+
+class Deferred:
+    """The function `attribute` of `module`, imported on first use. torch.compile traces `select`,
+    which calls `supports`: status() has imported it by then (why_not asks status first), so no
+    trace meets the import; and the registry holds this same object before and after the import,
+    so no trace sees a registry entry change under it."""
+
+    def __init__(self, module: str, attribute: str):
+        self.module, self.attribute, self.target = module, attribute, None
+
+    def resolve(self) -> Callable:
+        if self.target is None:
+            self.target = getattr(importlib.import_module(self.module), self.attribute)
+        return self.target
+
+    def __call__(self, *args, **kwargs):
+        return self.resolve()(*args, **kwargs)
+
+
+# backend -> the Deferred functions registered for it; status(backend) imports them all, so a
+# module that fails to import makes the backend unavailable with the error as the reason.
+_deferred: dict[str, list[Deferred]] = {}
+
+
+def register_module(op: str, backend: str, module: str, forward: str, backward: Optional[str] = None,
+                    supports: Optional[str] = None) -> None:
+    """register(), with the functions named by attribute of `module`, which is imported when the
+    backend is first asked for (status) or called, not now."""
+    functions = [Deferred(module, name) if name else None for name in (forward, backward, supports)]
+    _deferred.setdefault(backend, []).extend(f for f in functions if f is not None)
+    register(op, backend, functions[0], functions[1], functions[2] or supports_everything)
 
 
 def implementation(op: str, backend: str) -> Implementation:
@@ -110,16 +146,30 @@ def _extension_status(name: str) -> BackendStatus:
     return BackendStatus(name, True, f"{name.upper()} tensors, C++ extension built", (name,))
 
 
+def _import_deferred(name: str) -> Optional[str]:
+    """None once every Deferred function of backend `name` is imported, else why one is not."""
+    for function in _deferred.get(name, ()):
+        try:
+            function.resolve()
+        except Exception as error:  # as in _triton_status: a broken module raises more than ImportError
+            return f"{function.module} does not import: {type(error).__name__}: {error}"
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def status(name: str) -> BackendStatus:
-    """Whether backend `name` works here; building the C++ extension the first time it is asked."""
+    """Whether backend `name` works here; building the C++ extension or importing the Triton
+    kernels the first time it is asked."""
     if name == "reference":
         return BackendStatus("reference", True, "plain PyTorch, any device", ("cpu", "cuda"))
     if name == "triton":
-        return _triton_status()
-    if name in ("cpu", "cuda"):
-        return _extension_status(name)
-    raise ValueError(f"unknown backend {name!r}; backends are {BACKENDS}")
+        state = _triton_status()
+    elif name in ("cpu", "cuda"):
+        state = _extension_status(name)
+    else:
+        raise ValueError(f"unknown backend {name!r}; backends are {BACKENDS}")
+    reason = _import_deferred(name) if state.available else None
+    return state if reason is None else BackendStatus(name, False, reason)
 
 
 def available() -> dict[str, BackendStatus]:

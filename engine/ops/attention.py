@@ -41,7 +41,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import engine.kernels.attention as triton_kernels
 from engine import backends, reference
 
 OP = "attention"
@@ -76,8 +75,8 @@ def _reference_decode(q, k_cache, v_cache, cache_seqlens, mask, scale):
 
 backends.register(OP, "reference", _reference_forward, _reference_backward)
 backends.register(DECODE_OP, "reference", _reference_decode)
-backends.register(OP, "triton", triton_kernels.attention_fwd, triton_kernels.attention_bwd, triton_kernels.supports)
-backends.register(DECODE_OP, "triton", triton_kernels.attention_decode, None, triton_kernels.supports_decode)
+backends.register_module(OP, "triton", "engine.kernels.attention", "attention_fwd", "attention_bwd", "supports")
+backends.register_module(DECODE_OP, "triton", "engine.kernels.attention", "attention_decode", None, "supports_decode")
 # (triton, cpu and cuda register here as their kernels land)
 
 from engine import _ext  # noqa: E402  (csrc/cpu/attention.cpp, csrc/cuda/attention.cu)

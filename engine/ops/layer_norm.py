@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import engine.kernels.layer_norm as triton_kernels
+import engine.kernels.layer_norm
 from engine import _ext, backends, reference
 
 OP = "layer_norm"
@@ -54,8 +54,7 @@ def _reference_forward(x, residual, weight, bias, eps, rms):
 
 
 backends.register(OP, "reference", _reference_forward, reference.layer_norm_backward)
-backends.register(OP, "triton", triton_kernels.layer_norm_fwd, triton_kernels.layer_norm_bwd,
-                  triton_kernels.supports)
+backends.register_module(OP, "triton", "engine.kernels.layer_norm", "layer_norm_fwd", "layer_norm_bwd", "supports")
 for _kind in ("cpu", "cuda"):
     backends.register(OP, _kind, _cpp_forward(_kind), _cpp_backward(_kind), _cpp_supports)
 

@@ -83,10 +83,8 @@ def _reference_gelu_backward(grad_y, x, approximate):
 backends.register(OP, "reference", _reference_forward, _reference_backward)
 backends.register(GELU_OP, "reference", _reference_gelu, _reference_gelu_backward)
 # (triton, cpu and cuda register here as their kernels land)
-import engine.kernels.linear as triton_kernels  # noqa: E402
-
-backends.register(OP, "triton", triton_kernels.linear_fwd, triton_kernels.linear_bwd, triton_kernels.supports)
-backends.register(GELU_OP, "triton", triton_kernels.gelu_fwd, triton_kernels.gelu_bwd, triton_kernels.supports_gelu)
+backends.register_module(OP, "triton", "engine.kernels.linear", "linear_fwd", "linear_bwd", "supports")
+backends.register_module(GELU_OP, "triton", "engine.kernels.linear", "gelu_fwd", "gelu_bwd", "supports_gelu")
 
 from engine import _ext  # noqa: E402  (csrc/cpu/linear.cpp, csrc/cuda/linear.cu, csrc/bindings/bind_linear.cpp)
 
