@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from engine.models import BERT, BertConfig  # noqa: E402
-from engine.models.bert import masked_lm_loss  # noqa: E402
+from engine.models.bert import bert_config_from_hf, bert_state_dict_from_hf, masked_lm_loss  # noqa: E402
 
 VOCAB, SEQ, BATCH = 101, 13, 3
 ATOL = 2e-5  # fp32 hidden states of O(1); two different fp32 summation orders
@@ -65,6 +65,29 @@ def test_matches_transformers(cls_name, padded):
         torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=ATOL, rtol=1e-4)
     else:
         torch.testing.assert_close(got.logits, expected.logits, atol=ATOL, rtol=1e-4)
+
+
+def test_forward_hooks_on_ffn_fire():
+    """Each layer calls its ffn module, so forward hooks on it see every pass (eval and training),
+    and what a hook returns replaces the module's output."""
+    model = BERT(BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            intermediate_size=64, max_position_embeddings=16))
+    ids = torch.randint(0, VOCAB, (2, 5))
+    seen = []
+    for i, layer in enumerate(model.layers):
+        layer.ffn.register_forward_hook(lambda module, args, out, i=i: seen.append((i, tuple(out.shape))))
+    for training in (False, True):
+        model.train(training)
+        model(ids, head="none")
+        assert seen == [(0, (2, 5, 32)), (1, (2, 5, 32))]
+        seen.clear()
+    model.eval()
+    with torch.no_grad():
+        base = model(ids, head="none").last_hidden_state
+        handle = model.layers[1].ffn.register_forward_hook(lambda module, args, out: out * 0)
+        changed = model(ids, head="none").last_hidden_state
+    handle.remove()
+    assert not torch.allclose(base, changed)
 
 
 def test_losses_match_transformers():
@@ -205,6 +228,5 @@ def test_from_hf_rejects_what_it_cannot_import(tmp_path):
     untied = random_hf(transformers.BertForMaskedLM)
     state = untied.state_dict()
     state["cls.predictions.decoder.weight"] = state["cls.predictions.decoder.weight"] + 1.0
-    from engine.models import hf as hf_import
     with pytest.raises(ValueError, match="tie"):
-        hf_import.bert_state_dict_from_hf(state, hf_import.bert_config_from_hf(untied.config))
+        bert_state_dict_from_hf(state, bert_config_from_hf(untied.config.to_dict()))

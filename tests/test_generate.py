@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from engine.models import GPT, GPTConfig, KVCache  # noqa: E402
+from engine.models import GPT, GPTConfig  # noqa: E402
 from engine.models.generate import select_next  # noqa: E402
 
 VOCAB = 101
@@ -85,25 +85,28 @@ def test_generation_stops_when_every_sequence_is_finished(pair):
 
 
 def test_cached_decode_gives_the_full_forward_logits(pair):
-    """Each decode step's logits equal those of the whole sequence recomputed without a cache."""
+    """Each decode step's logits equal those of the whole sequence recomputed without a cache
+    (a causal forward pass over the final sequence gives every prefix's logits at once)."""
     _, ours = pair
     ids, mask = left_padded_batch()
-    cache = KVCache(2, 3, 4, 9 + 4, 16, torch.float32, ids.device)
-    cache.slots[:, 0, 0, :9] = mask.bool()
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    cache.advance(9)
+    seq, pos, cached = ids, positions, []
     with torch.no_grad():
-        h = ours.body(ids, positions, cache.prefill)
-        seq, full_mask, pos = ids, mask, positions
-        for step in range(4):
-            token = ours.logits(h[:, -1]).argmax(-1, keepdim=True)
-            seq = torch.cat([seq, token], 1)
-            full_mask = torch.cat([full_mask, torch.ones_like(token)], 1)
-            pos = torch.cat([pos, pos[:, -1:] + 1], 1)
-            cache.advance(1)
-            h = ours.body(token, pos[:, -1:], cache.decode)
-            expected, _ = ours(seq, attention_mask=full_mask, position_ids=pos)
-            torch.testing.assert_close(ours.logits(h[:, -1]), expected[:, -1], rtol=0, atol=2e-5)
+        with ours.kv_caches(3, 9 + 4, prompt_mask=mask):
+            h = ours.body(ids, positions)
+            for step in range(4):
+                cached.append(ours.logits(h[:, -1]))
+                token = cached[-1].argmax(-1, keepdim=True)
+                seq = torch.cat([seq, token], 1)
+                pos = torch.cat([pos, pos[:, -1:] + 1], 1)
+                h = ours.body(token, pos[:, -1:])
+            assert [block.attn.kv_cache.length for block in ours.transformer.h] == [9 + 4, 9 + 4]
+        assert all(block.attn.kv_cache is None for block in ours.transformer.h)
+        full_mask = torch.cat([mask, torch.ones(3, 4, dtype=mask.dtype)], 1)
+        cached.append(ours.logits(h[:, -1]))
+        expected, _ = ours(seq, attention_mask=full_mask, position_ids=pos)
+    for step, logits in enumerate(cached):
+        torch.testing.assert_close(logits, expected[:, 9 - 1 + step], rtol=0, atol=2e-5, msg=f"step {step}")
 
 
 def test_sampling_is_reproducible_with_a_generator(pair):

@@ -90,6 +90,25 @@ def test_bad_inputs_raise():
         model(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
 
 
+def test_forward_hooks_on_attn_and_mlp_fire_in_training_prefill_and_decode():
+    """Each block calls its attn and mlp modules (never their internals), so forward hooks on them
+    see every pass: training, and generation's prefill and decode steps, whose attention runs
+    through a KV cache."""
+    model = tiny_gpt(dropout=0.1)
+    seen = []
+    for i, block in enumerate(model.transformer.h):
+        for name in ("attn", "mlp"):
+            getattr(block, name).register_forward_hook(
+                lambda module, args, out, key=f"{name}{i}": seen.append((key, tuple(out.shape))))
+    ids = torch.randint(0, VOCAB, (2, 7))
+    model.train()
+    model(ids, next_token_targets(ids))[1].backward()
+    assert seen == [(key, (2, 7, 32)) for key in ("attn0", "mlp0", "attn1", "mlp1")]
+    seen.clear()
+    model.generate(ids[:1, :5], 3, top_k=1)             # a prefill of 5 tokens, then 2 decode steps
+    assert seen == [(key, (1, s, 32)) for s in (5, 1, 1) for key in ("attn0", "mlp0", "attn1", "mlp1")]
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss and training mode
 

@@ -1,6 +1,6 @@
 """BERT: the encoder-only, post-LN transformer, with a masked-LM head and a sequence-classification
-head, built directly on engine.functional (so it runs the fused kernels where they serve and the
-reference backend elsewhere).
+head, built on engine.nn modules and engine.functional ops (so it runs the fused kernels where they
+serve and the reference backend elsewhere).
 
     config = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12)
     model = BERT(config)
@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from engine import functional as F
+import engine.functional as EF
 from engine import nn as enn
 from engine import training
+from engine.models import hf
 
 # transformers' hidden_act names -> the activation the engine's linear epilogue fuses
 _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -101,9 +103,9 @@ class BertEmbeddings(torch.nn.Module):
         words = self.word(input_ids)                                              # [B, S, H]
         # position embeddings [1 or B, S, H] broadcast over the batch in the add
         rest = self.token_type(token_type_ids) + self.position(position_ids)      # [B, S, H]
-        x, _ = F.add_layer_norm(words, rest, self.norm.normalized_shape, self.norm.weight, self.norm.bias,
-                                self.norm.eps)
-        return torch.nn.functional.dropout(x, self.dropout, self.training)
+        x, _ = EF.add_layer_norm(words, rest, self.norm.normalized_shape, self.norm.weight, self.norm.bias,
+                                 self.norm.eps)
+        return F.dropout(x, self.dropout, self.training)
 
 
 class BertLayer(torch.nn.Module):
@@ -126,23 +128,22 @@ class BertLayer(torch.nn.Module):
         """x [B, S, H]; mask None or bool [B, 1, 1, S] (True = attend) -> [B, S, H]."""
         b, s, h = x.shape
         heads = self.num_heads
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias)                         # [B, S, 3H]
+        qkv = self.qkv(x)                                                        # [B, S, 3H]
         # [B, S, 3, heads, d] -> three [B, heads, S, d] strided views (no copy: attention reads strides)
         q, k, v = qkv.view(b, s, 3, heads, h // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        a = EF.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                            dropout_p=self.attention_dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(b, s, h)                                   # [B, S, H]
-        a = self._dropout(F.linear(a, self.attn_out.weight, self.attn_out.bias))
-        x, _ = F.add_layer_norm(a, x, (h,), self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps)
-        f = self._dropout(F.feed_forward(x, self.ffn.linear1.weight, self.ffn.linear1.bias, self.ffn.linear2.weight,
-                                         self.ffn.linear2.bias, self.ffn.activation))
-        x, _ = F.add_layer_norm(f, x, (h,), self.ffn_norm.weight, self.ffn_norm.bias, self.ffn_norm.eps)
+        a = self._dropout(self.attn_out(a))
+        x, _ = EF.add_layer_norm(a, x, (h,), self.attn_norm.weight, self.attn_norm.bias, self.attn_norm.eps)
+        f = self._dropout(self.ffn(x))
+        x, _ = EF.add_layer_norm(f, x, (h,), self.ffn_norm.weight, self.ffn_norm.bias, self.ffn_norm.eps)
         return x
 
     def _dropout(self, t: Tensor) -> Tensor:
         # BERT drops out the sublayer's output (after the second product), which is not where
         # feed_forward's fused dropout sits (the hidden activation), so it is a separate step
-        return torch.nn.functional.dropout(t, self.hidden_dropout, self.training) if self.hidden_dropout else t
+        return F.dropout(t, self.hidden_dropout, self.training) if self.hidden_dropout else t
 
 
 class BERT(torch.nn.Module):
@@ -212,22 +213,19 @@ class BERT(torch.nn.Module):
 
     def pool(self, hidden: Tensor) -> Tensor:
         """tanh(W_p h_0 + b_p): the first ([CLS]) token's hidden state [B, H] through the pooler."""
-        return torch.tanh(F.linear(hidden[:, 0], self.pooler.weight, self.pooler.bias))
+        return torch.tanh(self.pooler(hidden[:, 0]))
 
     def mlm_logits(self, hidden: Tensor) -> Tensor:
         """Masked-LM logits [..., V] of hidden states [..., H]: LayerNorm(act(h W_t^T + b_t)) E^T + bias,
         E the word embeddings (tied)."""
-        t = F.linear(hidden, self.mlm_transform.weight, self.mlm_transform.bias, self.mlm_transform.activation)
-        t = F.layer_norm(t, self.mlm_norm.normalized_shape, self.mlm_norm.weight, self.mlm_norm.bias,
-                         self.mlm_norm.eps)
-        return F.linear(t, self.embeddings.word.weight, self.mlm_bias)
+        t = self.mlm_norm(self.mlm_transform(hidden))
+        return EF.linear(t, self.embeddings.word.weight, self.mlm_bias)
 
     def classify(self, pooled: Tensor) -> Tensor:
         """Classification logits [B, num_labels] of the pooled output [B, H] (dropout, linear)."""
         p = self.config.classifier_dropout
         p = self.config.hidden_dropout_prob if p is None else p
-        pooled = torch.nn.functional.dropout(pooled, p, self.training)
-        return F.linear(pooled, self.classifier.weight, self.classifier.bias)
+        return self.classifier(F.dropout(pooled, p, self.training))
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
@@ -300,9 +298,26 @@ class BERT(torch.nn.Module):
         by save_pretrained (config.json + model.safetensors, a sharded safetensors index, or
         pytorch_model.bin). Nothing is downloaded. Heads the checkpoint lacks (the classifier of
         a BertForMaskedLM, the MLM head of a BertModel) keep a fresh initialization, as for
-        fine-tuning. The model comes back in eval mode, on the CPU, in float32."""
-        from engine.models import hf
-        return hf.bert_from_hf(model_or_dir, num_labels=num_labels)
+        fine-tuning. The model comes back in eval mode, on the CPU, in float32. num_labels
+        overrides the checkpoint's (the classifier then starts fresh)."""
+        hf_config, state = hf.read_checkpoint(model_or_dir, "BERT")
+        config = bert_config_from_hf(hf_config)
+        if num_labels is not None:
+            config.num_labels = num_labels
+        model = cls(config)
+        ours = bert_state_dict_from_hf(state, config)
+        if num_labels is not None and ours.get("classifier.weight") is not None \
+                and ours["classifier.weight"].shape[0] != num_labels:
+            ours.pop("classifier.weight")
+            ours.pop("classifier.bias", None)
+        missing, unexpected = model.load_state_dict(ours, strict=False)
+        assert not unexpected, f"internal error: unmapped keys {unexpected}"
+        # what may be missing: a head the checkpoint does not have (it keeps its initialization)
+        heads = ("pooler.", "classifier.", "mlm_transform.", "mlm_norm.", "mlm_bias")
+        body = [k for k in missing if not k.startswith(heads)]
+        if body:
+            raise ValueError(f"the checkpoint lacks BERT encoder weights: {body[:6]}{' ...' if len(body) > 6 else ''}")
+        return model.float().eval()
 
 
 def masked_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -316,7 +331,94 @@ def classification_loss(logits: Tensor, labels: Tensor) -> Tensor:
     labels with several classes -> multi-label binary cross-entropy. logits [B, num_labels]."""
     num_labels = logits.shape[-1]
     if num_labels == 1:
-        return torch.nn.functional.mse_loss(logits.squeeze(-1).float(), labels.reshape(-1).float())
+        return F.mse_loss(logits.squeeze(-1).float(), labels.reshape(-1).float())
     if labels.dtype in (torch.int32, torch.int64):
-        return torch.nn.functional.cross_entropy(logits.float(), labels.reshape(-1).long())
-    return torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return F.cross_entropy(logits.float(), labels.reshape(-1).long())
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers' BERT checkpoints (BertModel, BertForMaskedLM, BertForSequenceClassification,
+# BertForPreTraining) as BERT's config and state_dict; engine/models/hf.py reads them.
+
+
+def bert_config_from_hf(hf_config: dict) -> BertConfig:
+    """BertConfig from a transformers BertConfig as a dict (config.json's fields). Raises
+    ValueError for what engine's BERT does not implement (decoder BERT, relative positions, a
+    callable activation)."""
+    get = hf_config.get
+    model_type = get("model_type", "bert")
+    if model_type not in ("bert", None):
+        raise ValueError(f"expected a BERT checkpoint (model_type 'bert'), got model_type {model_type!r}")
+    if get("is_decoder", False) or get("add_cross_attention", False):
+        raise ValueError("decoder BERT (is_decoder / add_cross_attention) is not supported: engine's BERT is "
+                         "an encoder")
+    if get("position_embedding_type", "absolute") not in ("absolute", None):
+        raise ValueError(f"position_embedding_type {get('position_embedding_type')!r} is not supported "
+                         "(absolute positions only)")
+    act = get("hidden_act", "gelu")
+    if not isinstance(act, str):
+        raise ValueError(f"hidden_act must be a name, got {act!r}")
+    labels = get("id2label")
+    num_labels = get("num_labels", len(labels) if labels else 2)
+    return BertConfig(
+        vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_hidden_layers=get("num_hidden_layers"),
+        num_attention_heads=get("num_attention_heads"), intermediate_size=get("intermediate_size"),
+        hidden_act=act, hidden_dropout_prob=get("hidden_dropout_prob", 0.1),
+        attention_probs_dropout_prob=get("attention_probs_dropout_prob", 0.1),
+        max_position_embeddings=get("max_position_embeddings", 512), type_vocab_size=get("type_vocab_size", 2),
+        layer_norm_eps=get("layer_norm_eps", 1e-12),
+        pad_token_id=get("pad_token_id", 0) if get("pad_token_id", 0) is not None else 0,
+        num_labels=num_labels, initializer_range=get("initializer_range", 0.02),
+        classifier_dropout=get("classifier_dropout", None))
+
+
+def bert_state_dict_from_hf(state: dict, config: BertConfig) -> dict:
+    """Renames (and, for q/k/v, concatenates) a transformers BERT state_dict into engine BERT's
+    keys. Accepts the keys with or without the "bert." prefix and the old "gamma"/"beta" names of
+    the layer norms. Returns a dict that may lack the heads the checkpoint does not have."""
+    src = {}
+    for key, value in state.items():
+        key = key[len("bert."):] if key.startswith("bert.") else key
+        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+        src[key] = value
+    out = {}
+
+    def take(dst, key, required=True):
+        if key in src:
+            out[dst] = src[key]
+        elif required:
+            raise ValueError(f"the checkpoint has no {key!r}")
+
+    take("embeddings.word.weight", "embeddings.word_embeddings.weight")
+    take("embeddings.position.weight", "embeddings.position_embeddings.weight")
+    take("embeddings.token_type.weight", "embeddings.token_type_embeddings.weight")
+    take("embeddings.norm.weight", "embeddings.LayerNorm.weight")
+    take("embeddings.norm.bias", "embeddings.LayerNorm.bias")
+    for i in range(config.num_hidden_layers):
+        p, q = f"encoder.layer.{i}.", f"layers.{i}."
+        for kind in ("weight", "bias"):
+            # q, k and v stacked into one [3H, H] product (rows [q; k; v]), as BertLayer splits it
+            parts = [p + f"attention.self.{name}.{kind}" for name in ("query", "key", "value")]
+            missing = [k for k in parts if k not in src]
+            if missing:
+                raise ValueError(f"the checkpoint has no {missing[0]!r}")
+            out[q + f"qkv.{kind}"] = torch.cat([src[k] for k in parts], 0)
+            take(q + f"attn_out.{kind}", p + f"attention.output.dense.{kind}")
+            take(q + f"attn_norm.{kind}", p + f"attention.output.LayerNorm.{kind}")
+            take(q + f"ffn.linear1.{kind}", p + f"intermediate.dense.{kind}")
+            take(q + f"ffn.linear2.{kind}", p + f"output.dense.{kind}")
+            take(q + f"ffn_norm.{kind}", p + f"output.LayerNorm.{kind}")
+    for kind in ("weight", "bias"):
+        take(f"pooler.{kind}", f"pooler.dense.{kind}", required=False)
+        take(f"classifier.{kind}", f"classifier.{kind}", required=False)
+        take(f"mlm_transform.{kind}", f"cls.predictions.transform.dense.{kind}", required=False)
+        take(f"mlm_norm.{kind}", f"cls.predictions.transform.LayerNorm.{kind}", required=False)
+    take("mlm_bias", "cls.predictions.bias", required=False)
+    if "mlm_bias" not in out:  # tied to the decoder's bias; a checkpoint may keep only that name
+        take("mlm_bias", "cls.predictions.decoder.bias", required=False)
+    decoder = src.get("cls.predictions.decoder.weight")
+    if decoder is not None and not torch.equal(decoder, out["embeddings.word.weight"]):
+        raise ValueError("the checkpoint's MLM decoder weight differs from the word embeddings; engine's BERT "
+                         "ties them (tie_word_embeddings=False is not supported)")
+    return out

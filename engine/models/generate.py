@@ -1,20 +1,19 @@
-"""Autoregressive generation for engine.models.GPT with a preallocated KV cache.
+"""Autoregressive generation for engine.models.GPT with preallocated KV caches.
 
     tokens = generate(model, input_ids, max_new_tokens=64)                       # greedy-or-sampled
     tokens = generate(model, ids, 64, top_k=1, attention_mask=mask, pad_token_id=0)  # left-padded batch
 
 How one call runs (B prompts of T tokens, left-padded to a common T; S_max = T + max_new_tokens):
-    cache     per layer K and V [B, H, S_max, D], allocated once (zeros, so that a backend that
-              reads past a sequence's valid length reads finite numbers), plus a bool key mask
-              [B, 1, 1, S_max] that is False on the padded prompt slots and True elsewhere.
-    prefill   the whole prompt in one forward pass: causal flash attention with the padding mask
-              (engine.functional.scaled_dot_product_attention); each layer's K and V are copied
-              into cache slots [0, T). Only the last position goes through lm_head.
-    decode    one token per step: its K and V go to slot L - 1 (L = T + tokens generated so far,
-              the same for every sequence thanks to left padding), and its query attends to the
-              cache with engine.functional.attention_with_kv_cache (cache_seqlens [B] = L, the key
-              mask hiding the padding). Nothing is re-allocated or recomputed per step beyond the
-              one new token.
+    cache     model.kv_caches gives each attention layer a KVCache of S_max slots (allocated
+              once), whose mask hides the padded prompt slots. How a layer attends with its cache
+              is the attention module's business (engine/models/gpt.py, CausalSelfAttention).
+    prefill   the whole prompt in one forward pass; each layer stores its keys and values in
+              slots [0, T) and attends with causal flash attention. Only the last position goes
+              through lm_head.
+    decode    one token per step; each layer appends its key and value in the next slot (the same
+              for every sequence thanks to left padding) and attends to the cache with
+              engine.functional.attention_with_kv_cache. Nothing is re-allocated or recomputed per
+              step beyond the one new token.
     positions as transformers computes them for GPT-2 with an attention mask: cumsum(mask) - 1
               (0 on padding), so a left-padded prompt gets the same positions as unpadded.
 Greedy decoding (top_k=1 or temperature=0) takes the argmax, as transformers' greedy generate.
@@ -23,46 +22,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-
-from engine import functional as F
-
-
-class KVCache:
-    """Keys and values of every layer for one generate call: k, v [n_layer, B, H, S_max, D] (one
-    allocation each; layer i's cache is the view k[i]); slots bool [B, 1, 1, S_max] (False: a
-    padded prompt slot that no query may see); length: slots filled so far (the same for every
-    sequence); seqlens int32 [B]: `length` per sequence, as attention_with_kv_cache takes it."""
-
-    def __init__(self, n_layer: int, batch: int, n_head: int, s_max: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device):
-        self.k = torch.zeros(n_layer, batch, n_head, s_max, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros(n_layer, batch, n_head, s_max, head_dim, dtype=dtype, device=device)
-        self.slots = torch.ones(batch, 1, 1, s_max, dtype=torch.bool, device=device)
-        self.length = 0
-        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
-
-    def prefill(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """The prompt's attention of one layer: q, k, v [B, H, T, D] -> [B, H, T, D]. Stores k, v
-        in slots [0, T) (self.length must already be T)."""
-        t = k.shape[2]
-        self.k[layer, :, :, :t].copy_(k)
-        self.v[layer, :, :, :t].copy_(v)
-        return F.scaled_dot_product_attention(q, k, v, self.slots[..., :t], is_causal=True)
-
-    def decode(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """One new token's attention of one layer: q, k, v [B, H, 1, D] -> [B, H, 1, D]. Stores k, v
-        in slot length - 1 and attends to slots [0, length) (the views passed end at `length`,
-        so no backend spends time on slots not filled yet)."""
-        n = self.length
-        self.k[layer, :, :, n - 1:n].copy_(k)
-        self.v[layer, :, :, n - 1:n].copy_(v)
-        return F.attention_with_kv_cache(q, self.k[layer, :, :, :n], self.v[layer, :, :, :n], self.seqlens,
-                                         attn_mask=self.slots[..., :n])
-
-    def advance(self, n: int) -> None:
-        """n more slots are (about to be) filled."""
-        self.length += n
-        self.seqlens.fill_(self.length)
 
 
 def _check(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask) -> None:
@@ -131,7 +90,6 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
     tokens, as transformers' generate returns them.
     """
     _check(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask)
-    config = model.config
     batch, t = input_ids.shape
     device = input_ids.device
     input_ids = input_ids.long()
@@ -141,14 +99,11 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
         return out
     pad = pad_token_id if pad_token_id is not None else eos_token_id
 
-    param = model.lm_head.weight
-    cache = KVCache(config.n_layer, batch, config.n_head, t + max_new_tokens, config.head_dim, param.dtype, device)
     if attention_mask is None:
         positions = None                                       # 0..T-1
         next_position = torch.full((batch, 1), t, dtype=torch.long, device=device)
     else:
         tokens = attention_mask.to(device) != 0                # [B, T]
-        cache.slots[:, 0, 0, :t] = tokens
         counts = tokens.long().cumsum(-1)                      # [B, T]
         positions = (counts - 1).masked_fill(~tokens, 0)
         next_position = counts[:, -1:].clone()                 # [B, 1]: the first new token's position
@@ -157,23 +112,22 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
     was_training = model.training
     model.eval()
     try:
-        cache.advance(t)
-        h = model.body(input_ids, positions, cache.prefill)    # [B, T, C]
-        logits = model.logits(h[:, -1])                        # [B, V]: only the last position's
-        for step in range(max_new_tokens):
-            token = select_next(logits, temperature, top_k, top_p, generator)   # [B]
-            if finished is not None:
-                token = torch.where(finished, pad, token)
-                finished |= token == eos_token_id
-            out[:, t + step] = token
-            if step + 1 == max_new_tokens:
-                break
-            if finished is not None and bool(finished.all()):
-                return out[:, :t + step + 1]
-            cache.advance(1)
-            h = model.body(token.view(batch, 1), next_position, cache.decode)    # [B, 1, C]
-            logits = model.logits(h[:, -1])
-            next_position += 1
+        with model.kv_caches(batch, t + max_new_tokens, attention_mask):
+            h = model.body(input_ids, positions)                   # [B, T, C]: the prefill
+            logits = model.logits(h[:, -1])                        # [B, V]: only the last position's
+            for step in range(max_new_tokens):
+                token = select_next(logits, temperature, top_k, top_p, generator)   # [B]
+                if finished is not None:
+                    token = torch.where(finished, pad, token)
+                    finished |= token == eos_token_id
+                out[:, t + step] = token
+                if step + 1 == max_new_tokens:
+                    break
+                if finished is not None and bool(finished.all()):
+                    return out[:, :t + step + 1]
+                h = model.body(token.view(batch, 1), next_position)   # [B, 1, C]: a decode step
+                logits = model.logits(h[:, -1])
+                next_position += 1
     finally:
         model.train(was_training)
     return out

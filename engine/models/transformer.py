@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from engine import functional as F
 from engine import nn as enn
 
 
@@ -135,7 +135,7 @@ class Transformer(torch.nn.Module):
         if offset + length > self.config.max_len:
             raise ValueError(f"sequence of {offset + length} positions exceeds max_len {self.config.max_len}")
         x = table(ids) * math.sqrt(self.config.d_model) + self.positions(length, offset)
-        return torch.nn.functional.dropout(x, self.config.dropout, self.training)
+        return F.dropout(x, self.config.dropout, self.training)
 
     def encode(self, src: Tensor, src_key_padding_mask: Optional[Tensor] = None) -> Tensor:
         """The encoder: src [B, S] ids -> memory [B, S, d_model]."""
@@ -153,7 +153,7 @@ class Transformer(torch.nn.Module):
         memory_mask = self._check_padding("memory_key_padding_mask", memory_key_padding_mask, memory[..., 0])
         h = self.decoder(self._embed(self.tgt_embed, tgt), memory, tgt_key_padding_mask=tgt_mask,
                          memory_key_padding_mask=memory_mask, tgt_is_causal=True)
-        return F.linear(h, self.output.weight)
+        return self.output(h)
 
     def forward(self, src: Tensor, tgt: Tensor, src_key_padding_mask: Optional[Tensor] = None,
                 tgt_key_padding_mask: Optional[Tensor] = None,
@@ -169,9 +169,8 @@ class Transformer(torch.nn.Module):
         if labels is not None:
             if tuple(labels.shape) != tuple(tgt.shape):
                 raise ValueError(f"labels must have tgt's shape {tuple(tgt.shape)}, got {tuple(labels.shape)}")
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                     labels.reshape(-1), ignore_index=-100,
-                                                     label_smoothing=self.config.label_smoothing)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                   ignore_index=-100, label_smoothing=self.config.label_smoothing)
         return logits, loss
 
     @torch.no_grad()

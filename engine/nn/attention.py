@@ -6,9 +6,10 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from engine import functional as F
+import engine.functional as EF
 
 
 class MultiheadAttention(torch.nn.MultiheadAttention):
@@ -141,13 +142,13 @@ def multi_head_attention(m: torch.nn.MultiheadAttention, query: Tensor, key: Ten
         if not batched:
             weights = weights.squeeze(0)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
+        out = EF.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
         weights = None
 
     # [B, H, L, Dh] -> the input layout [B, L, E] / [L, B, E] (one copy), then the out projection
     out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
     out = out.reshape(*out.shape[:2], e)
-    out = F.linear(out, m.out_proj.weight, m.out_proj.bias)
+    out = EF.linear(out, m.out_proj.weight, m.out_proj.bias)
     if not batched:
         out = out.squeeze(0)
     return out, weights
@@ -159,19 +160,19 @@ def _project(m, query: Tensor, key: Tensor, value: Tensor, self_attention: bool,
     bias = m.in_proj_bias
     if not m._qkv_same_embed_dim:  # kdim/vdim differ: three separate weights, one packed bias [3E]
         bq, bk, bv = bias.chunk(3) if bias is not None else (None, None, None)
-        return (F.linear(query, m.q_proj_weight, bq), F.linear(key, m.k_proj_weight, bk),
-                F.linear(value, m.v_proj_weight, bv))
+        return (EF.linear(query, m.q_proj_weight, bq), EF.linear(key, m.k_proj_weight, bk),
+                EF.linear(value, m.v_proj_weight, bv))
     w = m.in_proj_weight  # [3E, E]: rows [0, E) project queries, [E, 2E) keys, [2E, 3E) values
     if self_attention:
-        q, k, v = F.linear(query, w, bias).unflatten(-1, (3, e)).unbind(-2)
+        q, k, v = EF.linear(query, w, bias).unflatten(-1, (3, e)).unbind(-2)
         return q, k, v
     bq = bias[:e] if bias is not None else None
-    q = F.linear(query, w[:e], bq)
+    q = EF.linear(query, w[:e], bq)
     if shared_kv:
-        k, v = F.linear(key, w[e:], bias[e:] if bias is not None else None).unflatten(-1, (2, e)).unbind(-2)
+        k, v = EF.linear(key, w[e:], bias[e:] if bias is not None else None).unflatten(-1, (2, e)).unbind(-2)
         return q, k, v
     bk, bv = (bias[e:2 * e], bias[2 * e:]) if bias is not None else (None, None)
-    return q, F.linear(key, w[e:2 * e], bk), F.linear(value, w[2 * e:], bv)
+    return q, EF.linear(key, w[e:2 * e], bk), EF.linear(value, w[2 * e:], bv)
 
 
 def _engine_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], b: int, h: int, length: int,
@@ -243,7 +244,7 @@ def _attention_with_weights(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tens
     if dead is not None:
         probs = probs.masked_fill(dead, 0.0)
     if dropout_p > 0.0:
-        probs = torch.nn.functional.dropout(probs, p=dropout_p)
+        probs = F.dropout(probs, p=dropout_p)
     return probs @ v, probs
 
 

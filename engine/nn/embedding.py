@@ -14,6 +14,7 @@ import math
 from typing import Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 Embedding = torch.nn.Embedding
@@ -73,7 +74,7 @@ class SinusoidalPositionalEncoding(torch.nn.Module):
         self.register_buffer("pe", pe.to(device=device, dtype=dtype or torch.get_default_dtype()), persistent=False)
 
     def forward(self, positions: Positions, offset: Offset = 0) -> Tensor:
-        return torch.nn.functional.embedding(_position_ids(positions, offset, self.max_len, self.pe.device), self.pe)
+        return F.embedding(_position_ids(positions, offset, self.max_len, self.pe.device), self.pe)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, max_len={self.max_len}"

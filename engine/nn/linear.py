@@ -5,14 +5,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from engine import functional as F
+import engine.functional as EF
 
 
 class GELU(torch.nn.GELU):
     """torch.nn.GELU(approximate="none"), computed by engine.functional.gelu."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.gelu(input, self.approximate)
+        return EF.gelu(input, self.approximate)
 
 
 class Linear(torch.nn.Linear):
@@ -28,7 +28,7 @@ class Linear(torch.nn.Linear):
         self.activation = activation
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.weight, self.bias, self.activation)
+        return EF.linear(input, self.weight, self.bias, self.activation)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", activation={self.activation!r}" if self.activation else "")
@@ -53,8 +53,8 @@ class FeedForward(torch.nn.Module):
         self.dropout = dropout
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return F.feed_forward(input, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
-                              self.activation, self.dropout if self.training else 0.0, residual)
+        return EF.feed_forward(input, self.linear1.weight, self.linear1.bias, self.linear2.weight, self.linear2.bias,
+                               self.activation, self.dropout if self.training else 0.0, residual)
 
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}, dropout={self.dropout}"

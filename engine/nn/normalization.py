@@ -3,7 +3,7 @@ repr) whose forward runs the engine's fused kernels."""
 import torch
 from torch import Tensor
 
-from engine import functional as F
+import engine.functional as EF
 
 
 class LayerNorm(torch.nn.LayerNorm):
@@ -11,7 +11,7 @@ class LayerNorm(torch.nn.LayerNorm):
     device=None, dtype=None), computed by engine.functional.layer_norm."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        return EF.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -19,4 +19,4 @@ class RMSNorm(torch.nn.RMSNorm):
     dtype=None), computed by engine.functional.rms_norm."""
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+        return EF.rms_norm(input, self.normalized_shape, self.weight, self.eps)

@@ -17,9 +17,10 @@ paths.
 from typing import Callable, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from engine import functional as F
+import engine.functional as EF
 from engine.nn.attention import MultiheadAttention, check_attention_args, multi_head_attention
 from engine.nn.normalization import LayerNorm
 
@@ -45,7 +46,7 @@ class TransformerEncoderLayer(torch.nn.TransformerEncoderLayer):
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: Activation = torch.nn.functional.relu, layer_norm_eps: float = 1e-5,
+                 activation: Activation = F.relu, layer_norm_eps: float = 1e-5,
                  batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
                  dtype=None) -> None:
         _check_layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps)
@@ -84,7 +85,7 @@ class TransformerDecoderLayer(torch.nn.TransformerDecoderLayer):
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.1,
-                 activation: Activation = torch.nn.functional.relu, layer_norm_eps: float = 1e-5,
+                 activation: Activation = F.relu, layer_norm_eps: float = 1e-5,
                  batch_first: bool = False, norm_first: bool = False, bias: bool = True, device=None,
                  dtype=None) -> None:
         _check_layer_args(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps)
@@ -191,7 +192,7 @@ class Transformer(torch.nn.Transformer):
     """
 
     def __init__(self, d_model: int = 512, nhead: int = 8, num_encoder_layers: int = 6, num_decoder_layers: int = 6,
-                 dim_feedforward: int = 2048, dropout: float = 0.1, activation: Activation = torch.nn.functional.relu,
+                 dim_feedforward: int = 2048, dropout: float = 0.1, activation: Activation = F.relu,
                  custom_encoder: Optional[torch.nn.Module] = None, custom_decoder: Optional[torch.nn.Module] = None,
                  layer_norm_eps: float = 1e-5, batch_first: bool = False, norm_first: bool = False, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -256,9 +257,9 @@ def _norm(norm: torch.nn.Module, x: Tensor) -> Tensor:
     """norm(x) through the engine's kernels for torch's LayerNorm / RMSNorm (and their engine
     subclasses); any other module is called as is."""
     if isinstance(norm, torch.nn.LayerNorm):
-        return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return EF.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     if isinstance(norm, torch.nn.RMSNorm):
-        return F.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
+        return EF.rms_norm(x, norm.normalized_shape, norm.weight, norm.eps)
     return norm(x)
 
 
@@ -266,9 +267,9 @@ def _add_norm(norm: torch.nn.Module, sublayer_out: Tensor, residual: Tensor) -> 
     """(norm(residual + sublayer_out), residual + sublayer_out): one fused pass for LayerNorm and
     RMSNorm. Both tensors [..., E]."""
     if isinstance(norm, torch.nn.LayerNorm):
-        return F.add_layer_norm(sublayer_out, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return EF.add_layer_norm(sublayer_out, residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
     if isinstance(norm, torch.nn.RMSNorm):
-        return F.add_rms_norm(sublayer_out, residual, norm.normalized_shape, norm.weight, norm.eps)
+        return EF.add_rms_norm(sublayer_out, residual, norm.normalized_shape, norm.weight, norm.eps)
     total = residual + sublayer_out
     return norm(total), total
 
@@ -285,11 +286,11 @@ def _feed_forward(layer, h: Tensor, outer_dropout: torch.nn.Module, residual: Op
     fuse_residual = residual is not None and not outer
     if activation is not None:
         hidden_p = layer.dropout.p if layer.training else 0.0
-        out = F.feed_forward(h, w1, b1, w2, b2, activation, hidden_p, residual if fuse_residual else None)
+        out = EF.feed_forward(h, w1, b1, w2, b2, activation, hidden_p, residual if fuse_residual else None)
     else:
-        hidden = layer.activation(F.linear(h, w1, b1))
+        hidden = layer.activation(EF.linear(h, w1, b1))
         hidden = layer.dropout(hidden) if layer.training else hidden
-        out = F.linear(hidden, w2, b2)
+        out = EF.linear(hidden, w2, b2)
         fuse_residual = False
     if outer:
         out = outer_dropout(out)  # torch.nn.Dropout: no kernel fuses it with the residual add
@@ -300,9 +301,9 @@ def _feed_forward(layer, h: Tensor, outer_dropout: torch.nn.Module, residual: Op
 
 def _activation_name(activation) -> Optional[str]:
     """The fused-kernel name of a layer's activation, or None for a callable run unfused."""
-    if activation is torch.nn.functional.relu or activation is torch.relu or isinstance(activation, torch.nn.ReLU):
+    if activation is F.relu or activation is torch.relu or isinstance(activation, torch.nn.ReLU):
         return "relu"
-    if activation is torch.nn.functional.gelu:
+    if activation is F.gelu:
         return "gelu"
     if isinstance(activation, torch.nn.GELU):
         return "gelu" if activation.approximate == "none" else "gelu_tanh"
