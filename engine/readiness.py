@@ -278,7 +278,8 @@ def _amd_usage(compiled, report: KernelReport):
     report.local_bytes = usage["scratch_bytes"]
     report.uses_mma = bool(AMD_MFMA.search(asm))
     report.uses_wgmma = None  # no warpgroup mma on AMD
-    report.details = dict(usage, global_scratch_bytes=compiled.metadata.global_scratch_size)
+    # triton 3.6's AMD backend allocates no global scratch and has no such field (None: not reported)
+    report.details = dict(usage, global_scratch_bytes=getattr(compiled.metadata, "global_scratch_size", None))
 
 
 def compile_case(module: str, case, target_name: str) -> KernelReport:

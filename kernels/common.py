@@ -7,9 +7,13 @@ import torch
 import triton
 import triton.language as tl
 
+from . import compat
+
 # TRITON_INTERPRET must be set before any @triton.jit kernel is defined; the tests set it in
 # conftest.py. Kernels take this as a constexpr to switch to interpreter-safe paths.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
+    compat.patch_interpreter()
 
 TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 

@@ -1,0 +1,41 @@
+"""Differences between the Triton releases the kernels support (3.6 to 3.9), in one place.
+
+Interpreter scalars (triton < 3.7): the interpreter holds a scalar as a one-element 1-D numpy
+array, and 3.6 turns it into a Python int (`range(0, n, BLOCK)` over a kernel argument n, for
+example) with int(array). NumPy 2.4 made int() of an array with ndim > 0 a TypeError ("only
+0-dimensional arrays can be converted to Python scalars"), so every loop bounded by a runtime
+value failed under 3.6 with NumPy >= 2.4. Triton fixed it after 3.6 (triton-lang/triton#9172;
+3.8 and 3.9 have the fix); `patch_interpreter` applies the same conversion to 3.6.
+"""
+import triton
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the installed Triton, e.g. (3, 6)."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
+def _scalar_index(self):
+    return int(self.handle.data.item())  # .item(): a one-element array of any ndim
+
+
+def patch_interpreter() -> None:
+    """Make the Triton interpreter convert scalars to ints with any NumPy; a no-op on Triton
+    releases that do it themselves. Call it before a kernel runs in the interpreter."""
+    if triton_version() >= (3, 7):
+        return
+    from triton.runtime import interpreter
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "engine_compat", False):
+        return  # already patched in this process
+
+    # The interpreter installs tensor.__index__ anew for every launch (and restores the old one
+    # afterwards) through _patch_lang_tensor, so ours is installed right after it, in the same
+    # scope, on every launch.
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", _scalar_index)
+
+    patch_lang_tensor.engine_compat = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
