@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-import engine.kernels.layer_norm
 from engine import _ext, backends, reference
 
 OP = "layer_norm"
