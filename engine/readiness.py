@@ -10,9 +10,10 @@ CUDA C++: every csrc/cuda/*.cu is compiled by nvcc for sm_80 and sm_90a.
     python -m engine.readiness [--json] [--kernels NAME_SUBSTRING]
 
 exits non-zero when any kernel fails to compile, spills, uses local memory or asks for more shared
-memory than the target has. Kernels defined while TRITON_INTERPRET=1 is set are interpreter objects
-that cannot be compiled, so this must run with it unset; `run_all` re-runs itself in a subprocess
-when it is set (as it is under the test suite).
+memory than the target has, and when no kernel is found (a filter that matches none). Kernels
+defined while TRITON_INTERPRET=1 is set are interpreter objects that cannot be compiled, so this
+must run with it unset; `run_all` re-runs itself in a subprocess when it is set (as it is under
+the test suite).
 Extra kernel modules (for example a toy kernel outside the repository) can be added with
 ENGINE_READINESS_MODULES=mod1,mod2 or run_all(extra_modules=[...]).
 """
@@ -513,6 +514,11 @@ def main(argv=None) -> int:
     else:
         print(format_table(reports))
         print(f"compiled in {elapsed:.1f}s")
+    if not reports:
+        # Nothing compiled is nothing checked: a misspelt filter must not pass as "ready".
+        what = f"no kernel name contains {args.kernels!r}" if args.kernels else "no kernels found"
+        print(f"engine.readiness: {what}, so nothing was checked", file=sys.stderr)
+        return 1
     return 1 if any(r.problems() for r in reports) else 0
 
 

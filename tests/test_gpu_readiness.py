@@ -118,3 +118,19 @@ def test_cuda_source_compiles_without_spills(reports, cu_file, target):
     bad.update({r.kernel: "does matrix products without tensor cores" for r in found
                 if any(name in r.kernel for name in CUDA_EXPECTS_TENSOR_CORES) and not r.tensor_cores_ok()})
     assert not bad, f"{cu_file} on {target}:\n" + "\n".join(f"  {k}: {v}" for k, v in bad.items())
+
+
+def test_filter_matching_no_kernel_fails(tmp_path, monkeypatch):
+    # The real command line. A csrc/ without .cu files keeps nvcc out of it: the CUDA reports are
+    # filtered by kernel name only after compiling.
+    monkeypatch.setenv("ENGINE_READINESS_CSRC", str(tmp_path))
+    done = _readiness("--kernels", "no_such_kernel", timeout=600)
+    assert done.returncode != 0, f"a filter that matches nothing passed:\n{done.stdout}"
+    assert "no kernel name contains 'no_such_kernel'" in done.stderr, done.stderr
+
+
+def test_run_with_no_reports_fails(monkeypatch, capfd):
+    monkeypatch.setattr(readiness, "run_all", lambda name_filter=None: [])
+    assert readiness.main(["--json"]) == 1
+    out, err = capfd.readouterr()
+    assert json.loads(out) == [] and "no kernels found" in err
