@@ -158,13 +158,13 @@ class CausalSelfAttention(torch.nn.Module):
         attn_mask is ignored with a cache: the cache's mask says which slots are padding."""
         q, k, v = self._split_heads(h)
         cache = self.kv_cache
-        if cache is None:
+        if cache is None:                    # training, scoring
             p = self.dropout if self.training else 0.0
             y = EF.scaled_dot_product_attention(q, k, v, attn_mask, p, is_causal=True)
-        elif cache.length == 0:
+        elif cache.length == 0:              # prefill: flash attention over the prompt alone
             cache.append(k, v)
             y = EF.scaled_dot_product_attention(q, k, v, cache.key_mask(), is_causal=True)
-        else:
+        else:                                # decode
             keys, values = cache.append(k, v)
             y = EF.attention_with_kv_cache(q, keys, values, cache.seqlens(), attn_mask=cache.key_mask())
         return self._merge_heads(y)
