@@ -11,6 +11,7 @@ setup(
     description="A transformer engine whose hot ops are fused Triton and C++/CUDA kernels",
     packages=find_packages(include=["engine", "engine.*"]),
     package_data={"engine": ["csrc/**/*"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
+    # The supported ranges (requirements.txt says why the triton range is what it is).
+    python_requires=">=3.10,<3.14",
+    install_requires=["torch>=2.11,<2.15", 'triton>=3.6,<3.10; sys_platform == "linux"', "numpy"],
 )

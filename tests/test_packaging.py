@@ -19,17 +19,22 @@ def tracked_files(*folders: str) -> list[str]:
     return [name for name in out.split("\0") if name and os.path.lexists(ROOT / name)]
 
 
+def copy_checkout(destination: Path, *paths: str) -> None:
+    """Copy what git would commit under `paths` (links stay links: engine/kernels, engine/csrc)."""
+    for name in tracked_files(*paths):
+        path, copy = ROOT / name, destination / name
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():
+            copy.symlink_to(os.readlink(path))
+        else:
+            shutil.copy2(path, copy)
+
+
 def test_wheel_has_only_engine_with_kernels_and_csrc(tmp_path):
     # Built from a copy: setuptools puts whatever build/lib holds into the wheel, so a build/ left
     # by an older layout in the checkout would leak its top-level names into this one.
     source = tmp_path / "source"
-    for name in ["setup.py"] + tracked_files("engine", "kernels", "csrc"):
-        path, copy = ROOT / name, source / name
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink():  # engine/kernels, engine/csrc: links the build must follow
-            copy.symlink_to(os.readlink(path))
-        else:
-            shutil.copy2(path, copy)
+    copy_checkout(source, "setup.py", "engine", "kernels", "csrc")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     "--no-index", "--disable-pip-version-check", "-w", str(tmp_path / "dist"), str(source)],
                    check=True)
@@ -107,3 +112,25 @@ def test_triton_kernels_import_while_tracing():
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.strip() == "ok", result.stdout
+
+
+def test_scripts_run_an_existing_python_as_is(tmp_path):
+    """./test.sh on a checkout without .venv and without network: with ENGINE_PYTHON, and with a
+    python3 on PATH that has what the tests need, it runs that Python and creates nothing."""
+    checkout = tmp_path / "checkout"
+    copy_checkout(checkout, "test.sh", "scripts", "requirements.txt", "setup.py", "pytest.ini", "engine", "kernels",
+                  "csrc", "tests")
+    shims = tmp_path / "bin"  # python3 on PATH: this test's interpreter (a link would lose its venv)
+    shims.mkdir()
+    (shims / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (shims / "python3").chmod(0o755)
+    offline = {"PIP_NO_INDEX": "1", "PATH": f"{shims}:{os.environ['PATH']}"}
+    for switch in ({"ENGINE_PYTHON": sys.executable}, {}):
+        env = {k: v for k, v in os.environ.items() if k != "ENGINE_PYTHON"} | offline | switch
+        result = subprocess.run(["./test.sh", "--collect-only", "tests/test_packaging.py"], cwd=checkout,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stdout + result.stderr
+        python = switch.get("ENGINE_PYTHON", str(shims / "python3"))
+        assert f"running {python} as is (no .venv)" in result.stderr, result.stderr
+        assert "test_scripts_run_an_existing_python_as_is" in result.stdout, result.stdout
+        assert not (checkout / ".venv").exists()
