@@ -44,20 +44,21 @@ class BackendError(RuntimeError):
 class Implementation:
     forward: Callable
     backward: Optional[Callable]
-    # supports(*forward_args) -> None when this implementation can serve the call, else the
-    # reason it cannot (a short sentence: "head dim 512 > 256").
-    supports: Callable[..., Optional[str]]
+    # supports(args) -> [] when this implementation can serve the call, else every reason it
+    # cannot (short sentences: "head dim 512 > 256"). args is the op's NamedTuple of the
+    # forward's arguments (LayerNormArgs, AttentionArgs, ... in engine/ops).
+    supports: Callable[[tuple], list]
 
 
-def supports_everything(*args, **kwargs) -> Optional[str]:
-    return None
+def supports_everything(args) -> list:
+    return []
 
 
 _registry: dict[str, dict[str, Implementation]] = {}
 
 
 def register(op: str, backend: str, forward: Callable, backward: Optional[Callable] = None,
-             supports: Callable[..., Optional[str]] = supports_everything) -> None:
+             supports: Callable[[tuple], list] = supports_everything) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends are {BACKENDS}")
     _registry.setdefault(op, {})[backend] = Implementation(forward, backward, supports)
@@ -198,10 +199,20 @@ def use(name: str):
 
 def explicit_choice(backend: Optional[str] = None) -> Optional[str]:
     """The backend the caller asked for: argument, then `use(...)`, then ENGINE_BACKEND."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}: backend= takes one of {BACKENDS}, or None for the "
+                             "automatic choice")
+        return backend
     stack = getattr(_context, "stack", None)
-    choice = backend or (stack[-1] if stack else None) or os.environ.get("ENGINE_BACKEND") or None
-    if choice is not None and choice not in BACKENDS:
-        raise ValueError(f"unknown backend {choice!r}; backends are {BACKENDS}")
+    if stack:
+        return stack[-1]
+    choice = os.environ.get("ENGINE_BACKEND")
+    if not choice:  # unset, or set to nothing as `ENGINE_BACKEND= cmd` does
+        return None
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown backend {choice!r} in the environment variable ENGINE_BACKEND; set it to one "
+                         f"of {BACKENDS}, or unset it for the automatic choice")
     return choice
 
 
@@ -217,16 +228,20 @@ def _status_constant(name: str) -> BackendStatus:
     return status(name)
 
 
-def why_not(op: str, backend: str, device: torch.device, args: tuple) -> Optional[str]:
-    """None when `backend` can run `op` on `args`, else the reason it cannot."""
-    if backend not in _registry.get(op, {}):
-        return f"{op} has no {backend} implementation"
+def why_not(op: str, backend: str, device: torch.device, args: tuple) -> list:
+    """[] when `backend` can run `op` on `args` (the op's argument NamedTuple), else every reason
+    it cannot."""
+    implementations = _registry.get(op, {})
+    if backend not in implementations:
+        return [f"{op} has no {backend} implementation"]
     state = _status_constant(backend)
     if not state.available:
-        return f"the {backend} backend is unavailable: {state.reason}"
+        return [f"the {backend} backend is unavailable: {state.reason}"]
     if device.type not in state.devices:
-        return f"the {backend} backend does not run on {device.type} tensors here ({state.reason})"
-    return _registry[op][backend].supports(*args)
+        if backend == "reference":
+            return [f"the reference backend runs on CPU and CUDA tensors (plain PyTorch), not {device.type}"]
+        return [f"the {backend} backend does not run on {device.type} tensors here ({state.reason})"]
+    return implementations[backend].supports(args)
 
 
 _logged_fallbacks: set = set()
@@ -241,16 +256,17 @@ def _log_fallback_once(op: str, candidate: str, reason: str) -> bool:
 
 
 def select(op: str, device: torch.device, args: tuple, backend: Optional[str] = None) -> str:
-    """The backend that runs this call of `op` (see the module docstring for the rules)."""
+    """The backend that runs this call of `op` (see the module docstring for the rules). args is
+    the op's argument NamedTuple, which each candidate's `supports` reads."""
     choice = explicit_choice(backend)
     if choice is not None:
-        reason = why_not(op, choice, device, args)
-        if reason is not None:
-            raise BackendError(f"backend {choice!r} cannot run {op}: {reason}")
+        reasons = why_not(op, choice, device, args)
+        if reasons:
+            raise BackendError(f"backend {choice!r} cannot run {op}: {'; '.join(reasons)}")
         return choice
     for candidate in AUTOMATIC_ORDER.get(device.type, ("reference",)):
-        reason = why_not(op, candidate, device, args)
-        if reason is None:
+        reasons = why_not(op, candidate, device, args)
+        if not reasons:
             return candidate
-        _log_fallback_once(op, candidate, reason)
+        _log_fallback_once(op, candidate, "; ".join(reasons))
     return "reference"

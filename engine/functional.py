@@ -74,15 +74,16 @@ def _normalize(input, residual, normalized_shape, weight, bias, eps, rms: bool, 
         eps = torch.finfo(x.dtype).eps
     eps = _validate.number("eps", eps, low=0.0)
 
-    n = math.prod(dims)
-    leading = x.shape[:x.dim() - len(dims)]
-    x_rows = x.reshape(*leading, n)
-    residual_rows = residual.reshape(*leading, n) if residual is not None else None
-    weight_flat = weight.reshape(n) if weight is not None else None
-    bias_flat = bias.reshape(n) if bias is not None else None
+    n = dims[0] if len(dims) == 1 else math.prod(dims)
+    weight_flat = weight.reshape(n) if weight is not None and weight.dim() != 1 else weight
+    bias_flat = bias.reshape(n) if bias is not None and bias.dim() != 1 else bias
     if x.numel() == 0:  # nothing to compute: the plain torch math gives the empty results
-        y, total, _, _ = reference.layer_norm(x_rows, residual_rows, weight_flat, bias_flat, eps, rms)
+        leading = x.shape[:x.dim() - len(dims)]
+        y, total, _, _ = reference.layer_norm(x.reshape(*leading, n), residual.reshape(*leading, n) if residual
+                                              is not None else None, weight_flat, bias_flat, eps, rms)
     else:
+        x_rows = ops.common.rows(x, n)
+        residual_rows = ops.common.rows(residual, n) if residual is not None else None
         y, total = ops.layer_norm.layer_norm(x_rows, residual_rows, weight_flat, bias_flat, eps, rms, backend)
     return y.view(x.shape), (total.view(x.shape) if total is not None else None)
 

@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.common import INTERPRET, GpuCompileCase, next_power_of_2
+from engine.ops.common import dtype_reason
 
 _LOG2E = tl.constexpr(1.4426950408889634)   # log2(e): natural units -> log2 units
 _LN2 = tl.constexpr(0.6931471805599453)     # ln(2): log2 units -> natural units
@@ -1025,54 +1026,55 @@ def _span(t: torch.Tensor) -> int:
     return sum((n - 1) * abs(s) for n, s in zip(t.shape[2:], t.stride()[2:]))
 
 
-def _common_limits(q, k, v, mask) -> Optional[str]:
-    if q.dtype not in DTYPES:
-        return f"dtype {q.dtype} is not one of float16, bfloat16, float32, float64"
+def _common_limits(q, k, v, mask) -> list[str]:
+    reasons = dtype_reason(q.dtype, DTYPES)
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        return f"query, key and value dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})"
+        reasons.append(f"query, key and value dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     d, dv = q.shape[-1], v.shape[-1]
     if d > MAX_HEAD_DIM or dv > MAX_HEAD_DIM:
-        return f"head dim {max(d, dv)} > {MAX_HEAD_DIM} (tiles held in registers)"
+        reasons.append(f"head dim {max(d, dv)} > {MAX_HEAD_DIM} (tiles held in registers)")
     if d == 0 or dv == 0:
-        return "head dim 0"
+        reasons.append("head dim 0")
     if any(t.stride(-1) != 1 and t.shape[-1] > 1 for t in (q, k, v)):
-        return "q, k and v need unit stride in the last dim"
+        reasons.append("q, k and v need unit stride in the last dim")
     if mask is not None:
         if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            return f"mask dtype {mask.dtype} is neither bool nor floating point"
+            reasons.append(f"mask dtype {mask.dtype} is neither bool nor floating point")
         if mask.dim() != 4:
-            return "mask must be a [B, H, Sq, Sk] (broadcast) view"
+            reasons.append("mask must be a [B, H, Sq, Sk] (broadcast) view")
     for name, t in (("query", q), ("key", k), ("value", v)) + ((("mask", mask),) if mask is not None else ()):
         if _span(t) > _INT32_MAX:
-            return f"{name} spans more than 2^31 elements per head (int32 indexing)"
+            reasons.append(f"{name} spans more than 2^31 elements per head (int32 indexing)")
     if max(q.shape[2], k.shape[2]) * max(d, dv) > _INT32_MAX:
-        return "a head of the contiguous outputs (dq, dk, dv, out) spans more than 2^31 elements"
+        reasons.append("a head of the contiguous outputs (dq, dk, dv, out) spans more than 2^31 elements")
     if q.shape[0] * q.shape[1] > _INT32_MAX:
-        return "more than 2^31 (batch, head) pairs"
-    return None
+        reasons.append("more than 2^31 (batch, head) pairs")
+    return reasons
 
 
-def supports(q, k, v, mask, causal, scale, dropout_p, seed, return_dropout_mask) -> Optional[str]:
-    """None when attention_fwd/attention_bwd can run this call, else why not.
+def supports(args) -> list[str]:
+    """[] when attention_fwd/attention_bwd can run this call (engine.ops.attention.AttentionArgs),
+    else every reason they cannot.
     Limits: dtypes fp16/bf16/fp32/fp64 (q, k, v alike); head dims 1..256 (the Q or K/V tile of
     a program stays in registers; padded to a power of two); mask bool or float; every index
     within one (batch, head) fits int32; the debug keep mask needs Sq * Sk < 2^31."""
-    reason = _common_limits(q, k, v, mask)
-    if reason is None and return_dropout_mask and dropout_p > 0 and q.shape[2] * k.shape[2] > _INT32_MAX:
-        reason = "the returned dropout mask needs Sq * Sk < 2^31 (int32 indexing)"
-    return reason
+    reasons = _common_limits(args.q, args.k, args.v, args.mask)
+    if args.return_dropout_mask and args.dropout_p > 0 and args.q.shape[2] * args.k.shape[2] > _INT32_MAX:
+        reasons.append("the returned dropout mask needs Sq * Sk < 2^31 (int32 indexing)")
+    return reasons
 
 
-def supports_decode(q, k_cache, v_cache, cache_seqlens, mask, scale) -> Optional[str]:
-    """None when attention_decode can run this call, else why not. Limits as supports(), plus
-    cache_seqlens is an integer tensor [B] on q's device."""
-    reason = _common_limits(q, k_cache, v_cache, mask)
-    if reason is None:
-        if cache_seqlens.device != q.device:
-            reason = f"cache_seqlens is on {cache_seqlens.device}, not {q.device}"
-        elif cache_seqlens.dtype not in (torch.int32, torch.int64):
-            reason = f"cache_seqlens dtype {cache_seqlens.dtype} is not int32"
-    return reason
+def supports_decode(args) -> list[str]:
+    """[] when attention_decode can run this call (engine.ops.attention.DecodeArgs), else every
+    reason it cannot. Limits as supports(), plus cache_seqlens is an integer tensor [B] on q's
+    device."""
+    q = args.q
+    reasons = _common_limits(q, args.k_cache, args.v_cache, args.mask)
+    if args.cache_seqlens.device != q.device:
+        reasons.append(f"cache_seqlens is on {args.cache_seqlens.device}, not {q.device}")
+    if args.cache_seqlens.dtype not in (torch.int32, torch.int64):
+        reasons.append(f"cache_seqlens dtype {args.cache_seqlens.dtype} is not int32 or int64")
+    return reasons
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.common import GpuCompileCase, next_power_of_2, row_num_warps
+from engine.ops.common import dtype_reason
 
 MAX_BLOCK_N_FORWARD = 8192
 MAX_BLOCK_N_BACKWARD = 4096
@@ -239,10 +240,9 @@ def _backward_programs(rows: int, device: torch.device) -> int:
     return max(1, min(rows, target))
 
 
-def supports(x: torch.Tensor, residual, weight, bias, eps: float, rms: bool) -> Optional[str]:
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
-    return None
+def supports(args) -> list[str]:
+    """[] when layer_norm_fwd/bwd can run the call (engine.ops.layer_norm.LayerNormArgs), else why not."""
+    return dtype_reason(args.x.dtype)
 
 
 def layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: Optional[torch.Tensor],

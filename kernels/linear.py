@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from engine.kernels.common import INTERPRET, TORCH_TO_TL, GpuCompileCase
+from engine.ops.common import dtype_reason
 
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -552,29 +553,30 @@ def _stride(t: torch.Tensor, dim: int) -> int:
     return t.stride(dim) if t.shape[dim] > 1 else 0
 
 
-def supports(x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask) -> Optional[str]:
-    """None when linear_fwd/linear_bwd can run the call (forward's arguments), else why not."""
-    if x.dtype not in DTYPES:
-        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
+def supports(args) -> list[str]:
+    """[] when linear_fwd/linear_bwd can run the call (engine.ops.linear.LinearArgs), else every
+    reason they cannot."""
+    x, weight = args.x, args.weight
+    reasons = dtype_reason(x.dtype, DTYPES)
     if x.dtype == torch.float64 and x.device.type != "cpu":
         # fp64 runs in the interpreter (float64 gradcheck). On a GPU its erf/Philox epilogue and
         # prologue spill at every tile tried (gfx942, sm80), and fp64 products are cuBLAS's job.
-        return "float64 products are not compiled for GPUs (the reference backend serves them)"
+        reasons.append("float64 products are not compiled for GPUs (the reference backend serves them)")
     if weight.dtype != x.dtype:
-        return f"weight dtype {weight.dtype} differs from input dtype {x.dtype} (tl.dot needs one operand type)"
-    if activation not in ACTIVATIONS:
-        return f"activation {activation!r} is not one of {ACTIVATIONS}"
+        reasons.append(f"weight dtype {weight.dtype} differs from input dtype {x.dtype} (tl.dot needs one operand type)")
+    if args.activation not in ACTIVATIONS:
+        reasons.append(f"activation {args.activation!r} is not one of {ACTIVATIONS}")
     if max(x.shape[0], weight.shape[0]) >= 2**31 or weight.shape[1] >= 2**31:
-        return "a dimension >= 2^31 (program ids and dropout counters are 32-bit)"
-    return None
+        reasons.append("a dimension >= 2^31 (program ids and dropout counters are 32-bit)")
+    return reasons
 
 
-def supports_gelu(x, approximate) -> Optional[str]:
-    if x.dtype not in DTYPES:
-        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
-    if approximate not in ("none", "tanh"):
-        return f"approximate {approximate!r} is not 'none' or 'tanh'"
-    return None
+def supports_gelu(args) -> list[str]:
+    """[] when gelu_fwd/gelu_bwd can run the call (engine.ops.linear.GeluArgs), else why not."""
+    reasons = dtype_reason(args.x.dtype, DTYPES)
+    if args.approximate not in ("none", "tanh"):
+        reasons.append(f"approximate {args.approximate!r} is not 'none' or 'tanh'")
+    return reasons
 
 
 def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], activation: str,

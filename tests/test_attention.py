@@ -12,6 +12,7 @@ from common import assert_matches_reference
 from conftest import backend_device_pairs, skip_unless_runs
 from engine import reference
 from engine.ops import attention as attention_op
+from engine.ops.common import draw_seed
 
 fp32, fp16, bf16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -184,7 +185,7 @@ def test_return_lse(backend, device):
 def _seed_the_op_draws(torch_seed: int) -> int:
     """The dropout seed engine.ops.attention draws after torch.manual_seed(torch_seed)."""
     torch.manual_seed(torch_seed)
-    return attention_op._draw_seed()
+    return draw_seed()
 
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
@@ -286,7 +287,7 @@ def test_gradcheck_float64(case, backend, device):
     skip_unless_runs(backend, device)
     case.dtype = torch.float64
     q, k, v, mask, _ = make_inputs(case, device)
-    args = (q, k, v, mask, case.causal, 0.5, 0.0, 0, False)
+    args = attention_op.AttentionArgs(q, k, v, mask, case.causal, 0.5, 0.0, False)
     reason = backends_reason(backend, args)
     if reason:
         pytest.skip(f"{backend} does not take float64: {reason}")

@@ -74,7 +74,7 @@ def test_environment_choice_that_cannot_run_raises(monkeypatch):
 def test_automatic_fallback_is_logged_once(monkeypatch, caplog):
     chosen = _chosen(monkeypatch)
     cpu = backends.implementation("layer_norm", "cpu")
-    refusing = backends.Implementation(cpu.forward, cpu.backward, lambda *args: "refused for this test")
+    refusing = backends.Implementation(cpu.forward, cpu.backward, lambda args: ["refused for this test"])
     monkeypatch.setitem(backends._registry["layer_norm"], "cpu", refusing)
     monkeypatch.setattr(backends, "_logged_fallbacks", set())
     x = torch.randn(2, 8)
@@ -86,3 +86,27 @@ def test_automatic_fallback_is_logged_once(monkeypatch, caplog):
     assert messages == ["engine: layer_norm falls back from the cpu backend: refused for this test"]
     with pytest.raises(backends.BackendError, match="refused for this test"):
         EF.layer_norm(x, (8,), backend="cpu")
+
+
+def test_an_explicit_choice_reports_every_reason(monkeypatch):
+    cpu = backends.implementation("layer_norm", "cpu")
+    refusing = backends.Implementation(cpu.forward, cpu.backward,
+                                       lambda args: [f"rows {args.x.shape[0]} refused", "and a second reason"])
+    monkeypatch.setitem(backends._registry["layer_norm"], "cpu", refusing)
+    with pytest.raises(backends.BackendError, match="rows 2 refused; and a second reason"):
+        EF.layer_norm(torch.randn(2, 8), (8,), backend="cpu")
+
+
+@pytest.mark.parametrize("name", ["", "fast"])
+def test_a_bad_backend_name_is_an_error(name, monkeypatch):
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="backend= takes one of"):
+        EF.layer_norm(x, (8,), backend=name)
+    monkeypatch.setenv("ENGINE_BACKEND", "fast")
+    with pytest.raises(ValueError, match="ENGINE_BACKEND"):
+        EF.layer_norm(x, (8,))
+
+
+def test_reference_on_meta_tensors_says_where_it_runs():
+    with pytest.raises(backends.BackendError, match="runs on CPU and CUDA tensors"):
+        EF.layer_norm(torch.randn(2, 8, device="meta"), (8,), backend="reference")

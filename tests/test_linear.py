@@ -10,6 +10,7 @@ from common import assert_matches_reference
 from conftest import backend_device_pairs, skip_unless_runs
 from engine import backends, reference
 from engine.ops import linear as linear_op
+from engine.ops.common import draw_seed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TORCH_ACTIVATION = {None: lambda y: y, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
@@ -126,7 +127,7 @@ def test_non_contiguous_weight_and_input(backend, device):
 
 def _seed_the_op_draws(torch_seed: int) -> int:
     torch.manual_seed(torch_seed)
-    return linear_op._draw_seed()
+    return draw_seed()
 
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
@@ -179,7 +180,8 @@ def test_gradcheck_float64(activation, backend, device):
     x = torch.randn(5, 6, dtype=torch.float64, generator=g).to(device).requires_grad_()
     w = torch.randn(7, 6, dtype=torch.float64, generator=g).to(device).requires_grad_()
     b = torch.randn(7, dtype=torch.float64, generator=g).to(device).requires_grad_()
-    reason = backends.why_not("linear", backend, x.device, (x, w, b, activation or "none", 0.0, 0, None, False))
+    reason = backends.why_not("linear", backend, x.device, linear_op.LinearArgs(x, w, b, activation or "none", 0.0,
+                                                                                None, False))
     if reason:
         pytest.skip(f"{backend} does not take float64: {reason}")
     assert torch.autograd.gradcheck(lambda x, w, b: EF.linear(x, w, b, activation, backend=backend), (x, w, b))

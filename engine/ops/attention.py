@@ -36,19 +36,41 @@ Every implementation of "attention" takes the same arguments (validated and laid
     cache). Query i sits at position L - Sq + i and sees keys j <= that position and j < L
     (engine.reference.decode_mask); kernels clamp L to S_max. mask as above, [B, Hq, Sq, S_max].
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from engine import backends, reference
+from engine import _ext, backends, reference
+from engine.ops import common
 
 OP = "attention"
 DECODE_OP = "attention_decode"
 
 
+class AttentionArgs(NamedTuple):
+    """The attention forward's arguments but the seed (drawn per call inside the op), for `supports`."""
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Optional[Tensor]
+    causal: bool
+    scale: float
+    dropout_p: float
+    return_dropout_mask: bool
+
+
+class DecodeArgs(NamedTuple):
+    q: Tensor
+    k_cache: Tensor
+    v_cache: Tensor
+    cache_seqlens: Tensor
+    mask: Optional[Tensor]
+    scale: float
+
+
 # ---------------------------------------------------------------------------------------------
-# The reference backend: plain torch math (engine/reference.py).
+# Backends. The reference backend: plain torch math (engine/reference.py).
 
 
 def _reference_keep(seed, dropout_p, q, k):
@@ -73,32 +95,22 @@ def _reference_decode(q, k_cache, v_cache, cache_seqlens, mask, scale):
     return reference.attention_with_kv_cache(q, k_cache, v_cache, cache_seqlens, mask, scale)
 
 
-backends.register(OP, "reference", _reference_forward, _reference_backward)
-backends.register(DECODE_OP, "reference", _reference_decode)
-backends.register_module(OP, "triton", "engine.kernels.attention", "attention_fwd", "attention_bwd", "supports")
-backends.register_module(DECODE_OP, "triton", "engine.kernels.attention", "attention_decode", None, "supports_decode")
-# (triton, cpu and cuda register here as their kernels land)
-
-from engine import _ext  # noqa: E402  (csrc/cpu/attention.cpp, csrc/cuda/attention.cu)
-
-
-def attention_cpp_supports(kind: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Optional[str]:
-    """Limits of the C++ kernels ("cpu" or "cuda"): None when they can run the call, else why not.
-    cpu: fp16/bf16/fp32/fp64, any head dims. cuda: fp16/bf16 (tensor cores) with head dims up to
-    256, fp32 (FMA; its tiles take twice the shared memory) up to 128; no fp64. Both: masks bool
-    or float, lengths below 2^31 (the dropout counters are 32-bit)."""
+def cpp_limits(kind: str, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> list[str]:
+    """Limits of the C++ kernels ("cpu" or "cuda"): [] when they can run the call, else every
+    reason they cannot. cpu: fp16/bf16/fp32/fp64, any head dims. cuda: fp16/bf16 (tensor cores)
+    with head dims up to 256, fp32 (FMA; its tiles take twice the shared memory) up to 128; no
+    fp64. Both: masks bool or float, lengths below 2^31 (the dropout counters are 32-bit)."""
     dtypes = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if kind == "cpu" else ())
-    if q.dtype not in dtypes:
-        return f"dtype {q.dtype} is not one of {', '.join(str(d) for d in dtypes)}"
+    reasons = common.dtype_reason(q.dtype, dtypes)
     widest = max(q.shape[-1], v.shape[-1])
     limit = 128 if q.dtype == torch.float32 else 256
     if kind == "cuda" and widest > limit:
-        return f"head dims {q.shape[-1]}/{v.shape[-1]} exceed {limit} ({q.dtype} on cuda)"
+        reasons.append(f"head dims {q.shape[-1]}/{v.shape[-1]} exceed {limit} ({q.dtype} on cuda)")
     if mask is not None and not (mask.dtype == torch.bool or mask.dtype.is_floating_point):
-        return f"mask dtype {mask.dtype} is neither bool nor floating point"
+        reasons.append(f"mask dtype {mask.dtype} is neither bool nor floating point")
     if max(q.shape[2], k.shape[2]) >= 2**31:
-        return "sequence lengths of 2^31 or more"
-    return None
+        reasons.append("sequence lengths of 2^31 or more")
+    return reasons
 
 
 def _cpp_attention(kind: str):
@@ -111,42 +123,58 @@ def _cpp_attention(kind: str):
         return tuple(_ext.load(kind).attention_backward(grad_out, q, k, v, out, lse, mask, causal, scale,
                                                         dropout_p, seed))
 
-    def supports(q, k, v, mask, causal, scale, dropout_p, seed, return_dropout_mask):
-        return attention_cpp_supports(kind, q, k, v, mask)
+    def supports(args: AttentionArgs) -> list[str]:
+        return cpp_limits(kind, args.q, args.k, args.v, args.mask)
 
     def decode(q, k_cache, v_cache, cache_seqlens, mask, scale):
         return tuple(_ext.load(kind).attention_decode(q, k_cache, v_cache, cache_seqlens, mask, scale))
 
-    def supports_decode(q, k_cache, v_cache, cache_seqlens, mask, scale):
-        return attention_cpp_supports(kind, q, k_cache, v_cache, mask)
+    def supports_decode(args: DecodeArgs) -> list[str]:
+        return cpp_limits(kind, args.q, args.k_cache, args.v_cache, args.mask)
 
     backends.register(OP, kind, forward, backward, supports)
     backends.register(DECODE_OP, kind, decode, None, supports_decode)
 
 
+backends.register(OP, "reference", _reference_forward, _reference_backward)
+backends.register(DECODE_OP, "reference", _reference_decode)
+backends.register_module(OP, "triton", "engine.kernels.attention", "attention_fwd", "attention_bwd", "supports")
+backends.register_module(DECODE_OP, "triton", "engine.kernels.attention", "attention_decode", None, "supports_decode")
 for _kind in ("cpu", "cuda"):
     _cpp_attention(_kind)
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd: custom ops (torch.compile traces through them with the fake kernels). The dropout
-# seed is drawn inside the forward op from torch's default generator and returned as a tensor,
-# so that backward regenerates the same mask and compiled graphs need no Python-side randomness.
+# Autograd. The dropout seed is drawn inside the forward op from torch's default generator and
+# returned as a tensor, so that backward regenerates the same mask and compiled graphs need no
+# Python-side randomness.
 
 
-def _draw_seed() -> int:
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-
-
-@torch.library.custom_op("engine::attention", mutates_args=())
-def _attention_op(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
-                  dropout_p: float, return_dropout_mask: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    seed = _draw_seed() if dropout_p > 0 else 0
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
+                       dropout_p: float, return_dropout_mask: bool,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seed = common.draw_seed() if dropout_p > 0 else 0
     out, lse, keep = backends.implementation(OP, backend).forward(
         q, k, v, mask, causal, scale, dropout_p, seed, return_dropout_mask)
     keep = keep if keep is not None else torch.empty(0, dtype=torch.bool, device=q.device)
     return out, lse, torch.tensor(seed, dtype=torch.int64), keep
+
+
+def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                        mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: Tensor,
+                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(backends.implementation(OP, backend).backward(
+        grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, int(seed.item())))
+
+
+def _attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                      mask: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(backends.implementation(DECODE_OP, backend).forward(q, k_cache, v_cache, cache_seqlens, mask, scale))
+
+
+_attention_op = torch.library.custom_op("engine::attention", _attention_forward, mutates_args=())
+_attention_backward_op = torch.library.custom_op("engine::attention_backward", _attention_backward, mutates_args=())
+_attention_decode_op = torch.library.custom_op("engine::attention_decode", _attention_decode, mutates_args=())
 
 
 @_attention_op.register_fake
@@ -158,42 +186,11 @@ def _attention_fake(q, k, v, mask, causal, scale, dropout_p, return_dropout_mask
     return out, lse, torch.empty((), dtype=torch.int64), q.new_empty(keep_shape, dtype=torch.bool)
 
 
-@torch.library.custom_op("engine::attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                           mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: Tensor,
-                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(backends.implementation(OP, backend).backward(
-        grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, int(seed.item())))
-
-
 @_attention_backward_op.register_fake
 def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
             torch.empty_like(v, memory_format=torch.contiguous_format))
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, mask, causal, scale, dropout_p, return_dropout_mask, backend = inputs
-    out, lse, seed, _ = output
-    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
-    ctx.causal, ctx.scale, ctx.dropout_p, ctx.backend = causal, scale, dropout_p, backend
-
-
-def _backward(ctx, grad_out, grad_lse, grad_seed, grad_keep):
-    q, k, v, out, lse, mask, seed = ctx.saved_tensors
-    dq, dk, dv = torch.ops.engine.attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, seed, ctx.backend)
-    return dq, dk, dv, None, None, None, None, None, None
-
-
-torch.library.register_autograd("engine::attention", _backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("engine::attention_decode", mutates_args=())
-def _attention_decode_op(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
-                         mask: Optional[Tensor], scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(backends.implementation(DECODE_OP, backend).forward(q, k_cache, v_cache, cache_seqlens, mask, scale))
 
 
 @_attention_decode_op.register_fake
@@ -203,40 +200,54 @@ def _attention_decode_fake(q, k_cache, v_cache, cache_seqlens, mask, scale, back
             q.new_empty(b, h, sq, dtype=reference.accumulator_dtype(q.dtype)))
 
 
+def _setup_context(ctx, inputs, output):
+    q, k, v, mask, causal, scale, dropout_p, return_dropout_mask, backend = inputs
+    out, lse, seed, _ = output
+    ctx.save_for_backward(q, k, v, out, lse, mask, seed)
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.backend = causal, scale, dropout_p, backend
+
+
+def _backward_through(attention_backward):
+    """The autograd backward, calling `attention_backward` (the custom op, or its function)."""
+    def backward(ctx, grad_out, grad_lse, grad_seed, grad_keep):
+        q, k, v, out, lse, mask, seed = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, out, lse, mask, ctx.causal, ctx.scale,
+                                        ctx.dropout_p, seed, ctx.backend)
+        return dq, dk, dv, None, None, None, None, None, None
+    return backward
+
+
+torch.library.register_autograd("engine::attention", _backward_through(_attention_backward_op),
+                                setup_context=_setup_context)
+_AttentionEager = common.eager_op(_attention_forward, _setup_context, _backward_through(_attention_backward))
+
+
 # ---------------------------------------------------------------------------------------------
-
-
-def _unit_last_stride(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
-def _broadcast_mask(mask: Optional[Tensor], shape: tuple) -> Optional[Tensor]:
-    """mask broadcast to `shape` as a stride-0 view (no memory is expanded)."""
-    return None if mask is None else mask.expand(shape)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
               dropout_p: float, backend: Optional[str], return_dropout_mask: bool = False):
     """Runs the attention op on the chosen backend (None: automatic). Inputs are validated
     (engine.functional). Returns (out, lse, dropout_mask or None)."""
-    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    q, k, v = common.unit_last_stride(q), common.unit_last_stride(k), common.unit_last_stride(v)
     b, h, sq, _ = q.shape
-    mask = _broadcast_mask(mask, (b, h, sq, k.shape[2]))
-    args = (q, k, v, mask, bool(causal), float(scale), float(dropout_p), 0, bool(return_dropout_mask))
+    mask = None if mask is None else mask.expand(b, h, sq, k.shape[2])  # a stride-0 view, never copied
+    args = AttentionArgs(q, k, v, mask, bool(causal), float(scale), float(dropout_p), bool(return_dropout_mask))
     chosen = backends.select(OP, q.device, args, backend)
-    out, lse, _, keep = torch.ops.engine.attention(q, k, v, mask, bool(causal), float(scale), float(dropout_p),
-                                                   bool(return_dropout_mask), chosen)
+    out, lse, _, keep = common.run(_attention_op, _AttentionEager, _attention_forward, (*args, chosen),
+                                   common.needs_grad(q, k, v))
     return out, lse, (keep if return_dropout_mask and dropout_p > 0 else None)
 
 
 def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                      mask: Optional[Tensor], scale: float, backend: Optional[str]) -> tuple[Tensor, Tensor]:
-    """Runs the decode op on the chosen backend. Inputs are validated. Returns (out, lse)."""
-    q = _unit_last_stride(q)
-    k_cache, v_cache = _unit_last_stride(k_cache), _unit_last_stride(v_cache)
+    """Runs the decode op on the chosen backend (no autograd). Inputs are validated. Returns (out, lse)."""
+    q = common.unit_last_stride(q)
+    k_cache, v_cache = common.unit_last_stride(k_cache), common.unit_last_stride(v_cache)
     b, h, sq, _ = q.shape
-    mask = _broadcast_mask(mask, (b, h, sq, k_cache.shape[2]))
-    cache_seqlens = cache_seqlens.to(torch.int32)
-    args = (q, k_cache, v_cache, cache_seqlens, mask, float(scale))
+    mask = None if mask is None else mask.expand(b, h, sq, k_cache.shape[2])
+    args = DecodeArgs(q, k_cache, v_cache, cache_seqlens.to(torch.int32), mask, float(scale))
     chosen = backends.select(DECODE_OP, q.device, args, backend)
-    return torch.ops.engine.attention_decode(*args, chosen)
+    if torch.compiler.is_compiling():
+        return _attention_decode_op(*args, chosen)
+    return _attention_decode(*args, chosen)

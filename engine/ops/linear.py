@@ -29,19 +29,36 @@ Every implementation of "linear" takes the same arguments (validated and laid ou
 "gelu": forward(x, approximate) -> y;  backward(grad_y, x, approximate) -> dx
     elementwise on a contiguous tensor of any shape; approximate "none" (erf) or "tanh".
 """
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-from engine import backends, reference
+from engine import _ext, backends, reference
+from engine.ops import common
 
 OP = "linear"
 GELU_OP = "gelu"
 
 
+class LinearArgs(NamedTuple):
+    """The linear forward's arguments but the seed (drawn per call inside the op), for `supports`."""
+    x: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
+    activation: str
+    dropout_p: float
+    residual: Optional[Tensor]
+    return_dropout_mask: bool
+
+
+class GeluArgs(NamedTuple):
+    x: Tensor
+    approximate: str
+
+
 # ---------------------------------------------------------------------------------------------
-# The reference backend: plain torch math (engine/reference.py).
+# Backends. The reference backend: plain torch math (engine/reference.py).
 
 
 def _reference_keep(seed, dropout_p, m, n, device):
@@ -80,15 +97,6 @@ def _reference_gelu_backward(grad_y, x, approximate):
     return (grad_y.to(acc) * slope).to(x.dtype)
 
 
-backends.register(OP, "reference", _reference_forward, _reference_backward)
-backends.register(GELU_OP, "reference", _reference_gelu, _reference_gelu_backward)
-# (triton, cpu and cuda register here as their kernels land)
-backends.register_module(OP, "triton", "engine.kernels.linear", "linear_fwd", "linear_bwd", "supports")
-backends.register_module(GELU_OP, "triton", "engine.kernels.linear", "gelu_fwd", "gelu_bwd", "supports_gelu")
-
-from engine import _ext  # noqa: E402  (csrc/cpu/linear.cpp, csrc/cuda/linear.cu, csrc/bindings/bind_linear.cpp)
-
-
 def _cpp_forward(kind: str):
     def forward(x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask):
         out, pre, keep = _ext.load(kind).linear_forward(x, weight, bias, activation, dropout_p, seed, residual,
@@ -106,53 +114,70 @@ def _cpp_backward(kind: str):
     return backward
 
 
-def _cpp_supports(x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask) -> Optional[str]:
-    # csrc/cpu and csrc/cuda: any float dtype; the dropout counters (n, m) are 32-bit.
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
-    if x.shape[0] >= 2**31 or weight.shape[0] >= 2**31:
-        return f"{x.shape[0]} rows x {weight.shape[0]} outputs: the C++ kernels take fewer than 2^31 of each"
-    return None
+def _cpp_supports(kind: str):
+    def supports(args: LinearArgs) -> list[str]:
+        # csrc/cpu and csrc/cuda: any float dtype; the dropout counters (n, m) are 32-bit.
+        reasons = common.dtype_reason(args.x.dtype)
+        if args.x.shape[0] >= 2**31 or args.weight.shape[0] >= 2**31:
+            reasons.append(f"{args.x.shape[0]} rows x {args.weight.shape[0]} outputs: the C++ kernels take fewer "
+                           "than 2^31 of each")
+        return reasons
+    return supports
 
 
-def _cpp_gelu(kind: str):
+def _cpp_gelu_forward(kind: str):
     def forward(x, approximate):
         return _ext.load(kind).gelu_forward(x, approximate)
+    return forward
 
+
+def _cpp_gelu_backward(kind: str):
     def backward(grad_y, x, approximate):
         return _ext.load(kind).gelu_backward(grad_y, x, approximate)
-    return forward, backward
+    return backward
 
 
-def _cpp_gelu_supports(x, approximate) -> Optional[str]:
-    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        return f"dtype {x.dtype} is not one of float16, bfloat16, float32, float64"
-    return None
+def _cpp_gelu_supports(kind: str):
+    def supports(args: GeluArgs) -> list[str]:
+        return common.dtype_reason(args.x.dtype)
+    return supports
 
 
-for _kind in ("cpu", "cuda"):
-    backends.register(OP, _kind, _cpp_forward(_kind), _cpp_backward(_kind), _cpp_supports)
-    backends.register(GELU_OP, _kind, *_cpp_gelu(_kind), _cpp_gelu_supports)
+backends.register(OP, "reference", _reference_forward, _reference_backward)
+backends.register(GELU_OP, "reference", _reference_gelu, _reference_gelu_backward)
+backends.register_module(OP, "triton", "engine.kernels.linear", "linear_fwd", "linear_bwd", "supports")
+backends.register_module(GELU_OP, "triton", "engine.kernels.linear", "gelu_fwd", "gelu_bwd", "supports_gelu")
+common.register_cpp(OP, _cpp_forward, _cpp_backward, _cpp_supports)
+common.register_cpp(GELU_OP, _cpp_gelu_forward, _cpp_gelu_backward, _cpp_gelu_supports)
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd: custom ops. The dropout seed is drawn inside the forward op from torch's default
-# generator and returned as a tensor, so backward regenerates the same mask.
+# Autograd. The dropout seed is drawn inside the forward op from torch's default generator and
+# returned as a tensor, so backward regenerates the same mask.
 
 
-def _draw_seed() -> int:
-    return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
-
-
-@torch.library.custom_op("engine::linear", mutates_args=())
-def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float,
-               residual: Optional[Tensor], return_dropout_mask: bool,
-               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    seed = _draw_seed() if dropout_p > 0 else 0
+def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float,
+                    residual: Optional[Tensor], return_dropout_mask: bool,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    seed = common.draw_seed() if dropout_p > 0 else 0
     out, pre, keep = backends.implementation(OP, backend).forward(
         x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask)
     return (out, pre if pre is not None else x.new_empty(0), torch.tensor(seed, dtype=torch.int64),
             keep if keep is not None else torch.empty(0, dtype=torch.bool, device=x.device))
+
+
+def _linear_backward(grad_out: Tensor, x: Tensor, weight: Tensor, pre_activation: Optional[Tensor],
+                     activation: str, dropout_p: float, seed: Tensor, need_weight_grad: bool,
+                     need_bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dweight, dbias = backends.implementation(OP, backend).backward(
+        grad_out, x, weight, pre_activation, activation, dropout_p, int(seed.item()), need_weight_grad,
+        need_bias_grad)
+    return (dx, dweight if dweight is not None else weight.new_empty(0),
+            dbias if dbias is not None else weight.new_empty(0))
+
+
+_linear_op = torch.library.custom_op("engine::linear", _linear_forward, mutates_args=())
+_linear_backward_op = torch.library.custom_op("engine::linear_backward", _linear_backward, mutates_args=())
 
 
 @_linear_op.register_fake
@@ -162,17 +187,6 @@ def _linear_fake(x, weight, bias, activation, dropout_p, residual, return_dropou
     keep_shape = (m, n) if return_dropout_mask and dropout_p > 0 else (0,)
     return (x.new_empty(m, n), x.new_empty(pre_shape), torch.empty((), dtype=torch.int64),
             x.new_empty(keep_shape, dtype=torch.bool))
-
-
-@torch.library.custom_op("engine::linear_backward", mutates_args=())
-def _linear_backward_op(grad_out: Tensor, x: Tensor, weight: Tensor, pre_activation: Optional[Tensor],
-                        activation: str, dropout_p: float, seed: Tensor, need_weight_grad: bool,
-                        need_bias_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dweight, dbias = backends.implementation(OP, backend).backward(
-        grad_out, x, weight, pre_activation, activation, dropout_p, int(seed.item()), need_weight_grad,
-        need_bias_grad)
-    return (dx, dweight if dweight is not None else weight.new_empty(0),
-            dbias if dbias is not None else weight.new_empty(0))
 
 
 @_linear_backward_op.register_fake
@@ -191,33 +205,40 @@ def _linear_setup_context(ctx, inputs, output):
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
 
 
-def _linear_backward(ctx, grad_out, grad_pre, grad_seed, grad_keep):
-    x, weight, pre, seed = ctx.saved_tensors
-    need_weight_grad = ctx.needs_input_grad[1]
-    need_bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
-    grad_out = grad_out.contiguous()
-    dx, dweight, dbias = torch.ops.engine.linear_backward(
-        grad_out, x, weight, pre, ctx.activation, ctx.dropout_p, seed, need_weight_grad, need_bias_grad, ctx.backend)
-    return (dx, dweight if need_weight_grad else None, dbias if need_bias_grad else None, None, None,
-            grad_out if ctx.has_residual else None, None, None)
+def _linear_backward_through(linear_backward):
+    """The autograd backward, calling `linear_backward` (the custom op, or its function)."""
+    def backward(ctx, grad_out, grad_pre, grad_seed, grad_keep):
+        x, weight, pre, seed = ctx.saved_tensors
+        need_weight_grad = ctx.needs_input_grad[1]
+        need_bias_grad = ctx.has_bias and ctx.needs_input_grad[2]
+        grad_out = grad_out.contiguous()
+        dx, dweight, dbias = linear_backward(grad_out, x, weight, pre, ctx.activation, ctx.dropout_p, seed,
+                                             need_weight_grad, need_bias_grad, ctx.backend)
+        return (dx, dweight if need_weight_grad else None, dbias if need_bias_grad else None, None, None,
+                grad_out if ctx.has_residual else None, None, None)
+    return backward
 
 
-torch.library.register_autograd("engine::linear", _linear_backward, setup_context=_linear_setup_context)
+torch.library.register_autograd("engine::linear", _linear_backward_through(_linear_backward_op),
+                                setup_context=_linear_setup_context)
+_LinearEager = common.eager_op(_linear_forward, _linear_setup_context, _linear_backward_through(_linear_backward))
 
 
-@torch.library.custom_op("engine::gelu", mutates_args=())
-def _gelu_op(x: Tensor, approximate: str, backend: str) -> Tensor:
+def _gelu_forward(x: Tensor, approximate: str, backend: str) -> Tensor:
     return backends.implementation(GELU_OP, backend).forward(x, approximate)
+
+
+def _gelu_backward(grad_y: Tensor, x: Tensor, approximate: str, backend: str) -> Tensor:
+    return backends.implementation(GELU_OP, backend).backward(grad_y, x, approximate)
+
+
+_gelu_op = torch.library.custom_op("engine::gelu", _gelu_forward, mutates_args=())
+_gelu_backward_op = torch.library.custom_op("engine::gelu_backward", _gelu_backward, mutates_args=())
 
 
 @_gelu_op.register_fake
 def _gelu_fake(x, approximate, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("engine::gelu_backward", mutates_args=())
-def _gelu_backward_op(grad_y: Tensor, x: Tensor, approximate: str, backend: str) -> Tensor:
-    return backends.implementation(GELU_OP, backend).backward(grad_y, x, approximate)
 
 
 @_gelu_backward_op.register_fake
@@ -231,12 +252,17 @@ def _gelu_setup_context(ctx, inputs, output):
     ctx.approximate, ctx.backend = approximate, backend
 
 
-def _gelu_backward(ctx, grad_y):
-    (x,) = ctx.saved_tensors
-    return torch.ops.engine.gelu_backward(grad_y.contiguous(), x, ctx.approximate, ctx.backend), None, None
+def _gelu_backward_through(gelu_backward):
+    """The autograd backward, calling `gelu_backward` (the custom op, or its function)."""
+    def backward(ctx, grad_y):
+        (x,) = ctx.saved_tensors
+        return gelu_backward(grad_y.contiguous(), x, ctx.approximate, ctx.backend), None, None
+    return backward
 
 
-torch.library.register_autograd("engine::gelu", _gelu_backward, setup_context=_gelu_setup_context)
+torch.library.register_autograd("engine::gelu", _gelu_backward_through(_gelu_backward_op),
+                                setup_context=_gelu_setup_context)
+_GeluEager = common.eager_op(_gelu_forward, _gelu_setup_context, _gelu_backward_through(_gelu_backward))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,19 +273,18 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, d
     """Runs the linear op on x [..., K] on the chosen backend (None: automatic). Inputs are
     validated (engine.functional). Returns (out [..., N], dropout_mask [M, N] or None)."""
     k, n = x.shape[-1], weight.shape[0]
-    leading = x.shape[:-1]
-    x2d = x.reshape(-1, k)
-    x2d = x2d if x2d.stride(1) == 1 or k == 1 else x2d.contiguous()
+    x2d = common.rows(x, k)
     residual2d = residual.reshape(-1, n).contiguous() if residual is not None else None
-    args = (x2d, weight, bias, activation, float(dropout_p), 0, residual2d, bool(return_dropout_mask))
+    args = LinearArgs(x2d, weight, bias, activation, float(dropout_p), residual2d, bool(return_dropout_mask))
     chosen = backends.select(OP, x.device, args, backend)
-    out, _, _, keep = torch.ops.engine.linear(x2d, weight, bias, activation, float(dropout_p), residual2d,
-                                             bool(return_dropout_mask), chosen)
-    return out.view(*leading, n), (keep if return_dropout_mask and dropout_p > 0 else None)
+    out, _, _, keep = common.run(_linear_op, _LinearEager, _linear_forward, (*args, chosen),
+                                 common.needs_grad(x, weight, bias, residual))
+    return out.view(*x.shape[:-1], n), (keep if return_dropout_mask and dropout_p > 0 else None)
 
 
 def gelu(x: Tensor, approximate: str, backend: Optional[str]) -> Tensor:
     """Runs the gelu op on the chosen backend. Inputs are validated."""
     x = x.contiguous()
-    chosen = backends.select(GELU_OP, x.device, (x, approximate), backend)
-    return torch.ops.engine.gelu(x, approximate, chosen)
+    args = GeluArgs(x, approximate)
+    chosen = backends.select(GELU_OP, x.device, args, backend)
+    return common.run(_gelu_op, _GeluEager, _gelu_forward, (*args, chosen), common.needs_grad(x))
