@@ -94,10 +94,12 @@ def build_identity(kind: str, settings) -> str:
     (the cpu build never includes csrc/cuda/), with their paths, and `settings` (the flags and the
     toolchain). The same inputs give the same ninja file, so ninja has nothing to do."""
     digest = hashlib.sha256(repr(settings).encode())
+    cuda_dir = os.path.join(CSRC, "cuda", "")
     for path in sorted(glob.glob(os.path.join(CSRC, "**", "*"), recursive=True)):
-        if os.path.isfile(path) and (kind == "cuda" or os.path.relpath(path, CSRC).split(os.sep)[0] != "cuda"):
-            with open(path, "rb") as f:
-                digest.update(path.encode() + b"\0" + f.read())
+        if not os.path.isfile(path) or (kind == "cpu" and path.startswith(cuda_dir)):
+            continue
+        with open(path, "rb") as f:
+            digest.update(path.encode() + b"\0" + f.read())
     return digest.hexdigest()
 
 
