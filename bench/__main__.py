@@ -10,6 +10,7 @@ table and the issue targets, writes <out>/results.json and <out>/plots/*.png.
 """
 import argparse
 import importlib
+import importlib.util
 import os
 import platform
 import sys
@@ -78,7 +79,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     repeats = args.repeats or (5 if args.quick else 15)
     names = engine_backends(device)
-    print(f"device {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"device {device} ({where}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; engine backends timed: {', '.join(names)}")
     print(f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}")
     for name, state in backends.available().items():
@@ -113,6 +115,9 @@ def main(argv=None) -> int:
             "seconds": round(time.perf_counter() - started, 1), "argv": sys.argv[1:],
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
     harness.write_json(out / "results.json", rows, ceilings, meta)
+    if importlib.util.find_spec("matplotlib") is None:  # a bare GPU image may lack it; the numbers are written
+        print(f"\nwrote {out / 'results.json'}; no plots: matplotlib is not installed")
+        return 0
     plots = [path for x_key, y_attr, label in PLOTS for path in harness.plot(rows, out / "plots", x_key, y_attr, label)]
     print(f"\nwrote {out / 'results.json'} and {len(plots)} plots in {out / 'plots'}")
     return 0

@@ -86,7 +86,13 @@ def _decode_case(batch, s_max, dtype, device, backends):
                 bytes_moved=bytes_moved, sweep={"batch": batch})
 
 
+# the device the cases run on, for the memory measurement in targets()
+_device = torch.device("cpu")
+
+
 def cases(device: torch.device, quick: bool, backends: list[str]):
+    global _device
+    _device = device
     lengths = QUICK_LENGTHS if quick else LENGTHS
     decode_backends = implemented("attention_decode", backends)
     backends = implemented("attention", backends)
@@ -100,15 +106,17 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak extra memory: measured in a fresh process per implementation (Linux), as the peak resident
-# set during one call minus the resident set before it. The peak counter (VmHWM) is reset first
-# through /proc/self/clear_refs; inputs are allocated and touched before, and a warm-up call on a
-# tiny problem keeps one-time allocations out. The output itself is part of the extra memory.
+# Peak extra memory: measured in a fresh process per implementation, on the device the cases ran
+# on. CPU (Linux): the peak resident set during one call minus the resident set before it; the
+# peak counter (VmHWM) is reset first through /proc/self/clear_refs. CUDA: the peak of the bytes
+# torch's allocator hands out during the call minus those held before it. Inputs are allocated
+# and touched before, and a warm-up call on a tiny problem keeps one-time allocations (and, on a
+# GPU, compiles) out. The output itself is part of the extra memory.
 
 _MEMORY_CHILD = """
 import json, sys, torch, torch.nn.functional as F
 import engine.functional as EF
-impl, s = sys.argv[1], int(sys.argv[2])
+impl, s, device = sys.argv[1], int(sys.argv[2]), torch.device(sys.argv[3])
 def call(q, k, v):
     if impl == "torch eager":
         return F.scaled_dot_product_attention(q, k, v)
@@ -116,19 +124,28 @@ def call(q, k, v):
 def status_kib(field):
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-call(*(torch.randn(1, 2, 16, 64) for _ in range(3)))
-q, k, v = (torch.randn(1, 12, s, 64) for _ in range(3))
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-before = status_kib("VmRSS")
-out = call(q, k, v)
-print(json.dumps({"extra_mib": (status_kib("VmHWM") - before) / 1024}))
+call(*(torch.randn(1, 2, 16, 64, device=device) for _ in range(3)))
+q, k, v = (torch.randn(1, 12, s, 64, device=device) for _ in range(3))
+if device.type == "cuda":
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out = call(q, k, v)
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - before) / 2**20
+else:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status_kib("VmRSS")
+    out = call(q, k, v)
+    extra = (status_kib("VmHWM") - before) / 1024
+print(json.dumps({"extra_mib": extra}))
 """
 
 
-def peak_extra_mib(impl: str, s: int) -> float:
-    result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, impl, str(s)], capture_output=True, text=True,
-                            check=True)
+def peak_extra_mib(impl: str, s: int, device: torch.device) -> float:
+    result = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, impl, str(s), str(device)], capture_output=True,
+                            text=True, check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])["extra_mib"]
 
 
@@ -149,8 +166,8 @@ def targets(rows, ceilings) -> list[str]:
         for impl in impls:
             if impl == "engine:reference" and s > 1024:
                 continue
-            measured.append(f"{impl} {peak_extra_mib(impl, s):.1f}")
-        lines.append(f"attention fwd peak extra memory (MiB), B=1 H=12 S={s} D=64 fp32 "
+            measured.append(f"{impl} {peak_extra_mib(impl, s, _device):.1f}")
+        lines.append(f"attention fwd peak extra memory (MiB) on {_device.type}, B=1 H=12 S={s} D=64 fp32 "
                      f"(output alone {12 * s * 64 * 4 / 2**20:.1f}; S^2 scores {12 * s * s * 4 / 2**20:.0f}): "
                      + ", ".join(measured))
     return lines
