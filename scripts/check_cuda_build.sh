@@ -2,8 +2,9 @@
 # Checks, without a GPU, that the CUDA extension builds: engine._ext.load("cuda") compiles and links
 # csrc/ (bindings, cpu and cuda) against a CUDA build of torch for TORCH_CUDA_ARCH_LIST="8.0;9.0a",
 # and the .so it makes holds sm_80 code with mma (HMMA) and sm_90a code with wgmma (HGMMA).
-# Too heavy for every CI run (a ~5 GB side environment on first use, then a ~7.5-minute build on
-# 2 cores): run it when csrc/ changes. Exits non-zero on any failure; prints a summary last.
+# Too heavy for every CI run (on 2 busy cores: 4 minutes to install a ~5 GB side environment on
+# first use, 8 to 11 to build; under a minute when csrc/ is unchanged): run it when csrc/ changes.
+# Exits non-zero on any failure; prints a summary last.
 #
 #   scripts/check_cuda_build.sh
 #
