@@ -66,6 +66,19 @@ def normalized_shape(value, input: Tensor) -> tuple[int, ...]:
     return dims
 
 
+def companion(name: str, value: Optional[Tensor], reference_name: str, reference: Tensor,
+              expected_shape: Optional[Sequence[int]] = None) -> None:
+    """An optional tensor that goes with `reference`: None, or a float tensor of reference's dtype
+    and device (and of expected_shape, when given)."""
+    if value is None:
+        return
+    tensor(name, value)
+    same_dtype(name, value, reference_name, reference)
+    same_device(name, value, reference_name, reference)
+    if expected_shape is not None:
+        shape(name, value, expected_shape)
+
+
 def same_dtypes_and_device(reference_name: str, reference: Tensor, **others: Optional[Tensor]) -> None:
     """Every given tensor matches `reference`'s dtype (TypeError) and device (ValueError)."""
     for name, value in others.items():

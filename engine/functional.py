@@ -63,13 +63,9 @@ def _normalize(input, residual, normalized_shape, weight, bias, eps, rms: bool, 
     """Validates, flattens normalized_shape to one trailing dim N, and runs the layer-norm op."""
     x = _validate.tensor("input", input)
     dims = _validate.normalized_shape(normalized_shape, x)
-    for name, value in (("residual", residual), ("weight", weight), ("bias", bias)):
-        _validate.optional_tensor(name, value)
-        _validate.same_dtype(name, value, "input", x)
-        _validate.same_device(name, value, "input", x)
-    _validate.shape("residual", residual, x.shape)
-    _validate.shape("weight", weight, dims)
-    _validate.shape("bias", bias, dims)
+    _validate.companion("residual", residual, "input", x, x.shape)
+    _validate.companion("weight", weight, "input", x, dims)
+    _validate.companion("bias", bias, "input", x, dims)
     if eps is None:  # rms_norm's default, as in torch
         eps = torch.finfo(x.dtype).eps
     eps = _validate.number("eps", eps, low=0.0)

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from engine import functional as F
+import engine.functional as EF
 from engine import nn as enn
 
 __all__ = ["optimize", "OptimizeSummary", "Replacement", "Skip"]
@@ -278,7 +278,7 @@ def _hf_attention(module, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor
             k, v = k[:, :, :q.shape[2]], v[:, :, :q.shape[2]]
     else:  # eager: the mask alone decides what is seen
         causal = False
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+    out = EF.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
                                          scale=scaling)
     return out.transpose(1, 2)
 
@@ -313,9 +313,9 @@ def _hf_classes():
             if not served(self, cache) or kwargs.get("output_attentions"):
                 return super().forward(hidden_states, attention_mask=attention_mask, cache=cache, **kwargs)
             shape = (*hidden_states.shape[:-1], -1, self.attention_head_size)   # [B, S, heads, d]
-            q = F.linear(hidden_states, self.query.weight, self.query.bias).view(shape).transpose(1, 2)
-            k = F.linear(hidden_states, self.key.weight, self.key.bias).view(shape).transpose(1, 2)
-            v = F.linear(hidden_states, self.value.weight, self.value.bias).view(shape).transpose(1, 2)
+            q = EF.linear(hidden_states, self.query.weight, self.query.bias).view(shape).transpose(1, 2)
+            k = EF.linear(hidden_states, self.key.weight, self.key.bias).view(shape).transpose(1, 2)
+            v = EF.linear(hidden_states, self.value.weight, self.value.bias).view(shape).transpose(1, 2)
             if cache is not None:
                 current = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
                 k, v = current.update(k, v, self.layer_idx, kwargs=kwargs)
@@ -327,11 +327,11 @@ def _hf_classes():
         """BertSelfOutput / BertOutput: LayerNorm(dropout(dense(h)) + input), the add fused into the norm."""
 
         def forward(self, hidden_states, input_tensor):
-            h = F.linear(hidden_states, self.dense.weight, self.dense.bias)
+            h = EF.linear(hidden_states, self.dense.weight, self.dense.bias)
             if self.training and self.dropout.p > 0:
                 h = torch.nn.functional.dropout(h, self.dropout.p, True)
             norm = self.LayerNorm
-            y, _ = F.add_layer_norm(h, input_tensor, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            y, _ = EF.add_layer_norm(h, input_tensor, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
             return y
 
     class EngineBertSelfOutput(EngineBertResidualOutput, mb.BertSelfOutput):
@@ -344,16 +344,16 @@ def _hf_classes():
         """BertIntermediate: the activation fused into the product's epilogue."""
 
         def forward(self, hidden_states):
-            return F.linear(hidden_states, self.dense.weight, self.dense.bias,
+            return EF.linear(hidden_states, self.dense.weight, self.dense.bias,
                             _hf_activation(self.intermediate_act_fn))
 
     class EngineBertPredictionHeadTransform(mb.BertPredictionHeadTransform):
         """The MLM head's transform: LayerNorm(act(dense(h))), the activation in the epilogue."""
 
         def forward(self, hidden_states):
-            h = F.linear(hidden_states, self.dense.weight, self.dense.bias, _hf_activation(self.transform_act_fn))
+            h = EF.linear(hidden_states, self.dense.weight, self.dense.bias, _hf_activation(self.transform_act_fn))
             norm = self.LayerNorm
-            return F.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+            return EF.layer_norm(h, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
     class EngineGPT2Attention(mg.GPT2Attention):
         """GPT2Attention: Conv1D products through engine.functional.linear (Conv1D's [in, out]
@@ -401,7 +401,7 @@ def _hf_classes():
         """GPT2MLP: both products and the activation in engine.functional.feed_forward."""
 
         def forward(self, hidden_states):
-            out = F.feed_forward(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(),
+            out = EF.feed_forward(hidden_states, self.c_fc.weight.t(), self.c_fc.bias, self.c_proj.weight.t(),
                                  self.c_proj.bias, _hf_activation(self.act))
             return self.dropout(out)
 
@@ -416,7 +416,7 @@ def _hf_classes():
 
 def _conv1d(conv, x: Tensor) -> Tensor:
     """transformers' Conv1D (x @ W + b, W [in, out]) as engine.functional.linear on W^T (a view)."""
-    return F.linear(x, conv.weight.t(), conv.bias)
+    return EF.linear(x, conv.weight.t(), conv.bias)
 
 
 def _heads(x: Tensor, head_dim: int) -> Tensor:

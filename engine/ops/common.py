@@ -60,7 +60,12 @@ def register_cpp(op: str, forward: Callable[[str], Callable], backward: Optional
 
 def needs_grad(*tensors: Optional[Tensor]) -> bool:
     """True when autograd must record this call: grad mode is on and an input requires grad."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def eager_op(forward: Callable, setup_context: Callable, backward: Callable) -> type:
