@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The Triton kernels on the oldest Triton the project supports (3.6.0, the bottom of
+# requirements.txt's range; ./test.sh gets the newest): their interpreter tests (-k triton over the
+# kernels' test files) and the GPU readiness report. Runs in .venv-triton36, created on first use:
+# requirements.txt as ./test.sh installs it, with triton 3.6.0. Arguments pass through to pytest.
+# CI runs this after ./test.sh (see .ci/run).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/.venv-triton36"
+stamp="$venv/.installed"
+cd "$root"
+
+if [ ! -x "$venv/bin/python" ]; then
+    python3.11 -m venv "$venv"
+fi
+if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ scripts/dev-constraints.txt -nt "$stamp" ]; then
+    # the team's torch (dev-constraints.txt), with the oldest triton of requirements.txt's range
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r requirements.txt \
+        -c scripts/dev-constraints.txt triton==3.6.0
+    touch "$stamp"
+fi
+py="$venv/bin/python"
+"$py" -c 'import triton; assert triton.__version__ == "3.6.0", triton.__version__'
+
+# The kernels' test files: tests/test_<module>.py for each kernels/<module>.py that has one.
+tests=()
+for kernel in kernels/[a-z]*.py; do
+    name="$(basename "$kernel" .py)"
+    if [ -f "tests/test_$name.py" ]; then
+        tests+=("tests/test_$name.py")
+    fi
+done
+"$py" -m pytest "${tests[@]}" -k triton "$@"
+"$py" -m engine.readiness
