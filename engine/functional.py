@@ -127,12 +127,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     hk = k.shape[1]
     if hk != hq and not enable_gqa:
         raise ValueError(f"key has {hk} heads but query has {hq}; pass enable_gqa=True for grouped-query attention")
-    if hq % hk != 0:
+    if hk == 0 and hq != 0:
+        raise ValueError(f"key and value have 0 heads; query's {hq} heads need at least one")
+    if hk != 0 and hq % hk != 0:
         raise ValueError(f"enable_gqa needs query heads ({hq}) to be a multiple of key heads ({hk})")
     sk = k.shape[2]
     mask = _attention_mask(attn_mask, q, (b, hq, sq, sk), without_heads)
     dropout_p = _validate.number("dropout_p", dropout_p, low=0.0, high=1.0, include_high=False)
-    scale = 1.0 / math.sqrt(d) if scale is None else _validate.number("scale", scale)
+    scale = _default_scale(d) if scale is None else _validate.number("scale", scale)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
 
@@ -175,20 +177,25 @@ def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor, cac
         raise ValueError(f"k_cache's head dim {kc.shape[-1]} differs from query's {d}")
     if vc.shape[1:3] != kc.shape[1:3]:
         raise ValueError(f"v_cache's heads and length {tuple(vc.shape[1:3])} differ from k_cache's {tuple(kc.shape[1:3])}")
-    if hq % hk != 0:
+    if (hk == 0 and hq != 0) or (hk != 0 and hq % hk != 0):
         raise ValueError(f"query heads ({hq}) must be a multiple of k_cache heads ({hk})")
     if tuple(lengths.shape) != (b,):
         raise ValueError(f"cache_seqlens must have shape ({b},), got {tuple(lengths.shape)}")
     if lengths.device.type == "cpu" and lengths.numel() and (lengths.min() < 0 or lengths.max() > s_max):
         raise ValueError(f"cache_seqlens must lie in [0, {s_max}] (the cache length), got {lengths.tolist()}")
     mask = _attention_mask(attn_mask, q, (b, hq, sq, s_max), False)
-    scale = 1.0 / math.sqrt(d) if scale is None else _validate.number("scale", scale)
+    scale = _default_scale(d) if scale is None else _validate.number("scale", scale)
     if q.numel() == 0 or s_max == 0:
         out, lse = reference.attention_with_kv_cache(q, kc, vc, lengths, mask, scale)
     else:
         with torch.no_grad():
             out, lse = ops.attention.attention_decode(q, kc, vc, lengths, mask, scale, backend)
     return (out, lse) if return_lse else out
+
+
+def _default_scale(head_dim: int) -> float:
+    """1 / sqrt(head dim), torch's default; any finite value for head dim 0, whose scores are all 0."""
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
 
 
 def _attention_mask(attn_mask, q: Tensor, shape: tuple, without_heads: bool) -> Optional[Tensor]:
@@ -236,6 +243,10 @@ def feed_forward(input: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2
     residual like input. Dropout (on the hidden activation) is applied whenever dropout_p > 0, as
     in torch.nn.functional.dropout(training=True)."""
     x, w1, b1, act = _check_linear("input", input, "w1", w1, "b1", b1, activation)
+    _validate.rank("w2", _validate.tensor("w2", w2), (2,))
+    if w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"w2 takes {w2.shape[1]} hidden features but w1 makes {w1.shape[0]} (w1 [d_ff, d_model] "
+                         f"has shape {tuple(w1.shape)}, w2 [d_model, d_ff] has shape {tuple(w2.shape)})")
     _, w2, b2, _ = _check_linear("hidden", x.new_empty(0, w1.shape[0]), "w2", w2, "b2", b2, None)
     dropout_p = _validate.number("dropout_p", dropout_p, low=0.0, high=1.0, include_high=False)
     if residual is not None:

@@ -128,7 +128,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
     accumulator dtype). A row whose keys are all masked has lse = -inf, output 0 and gradient 0.
     """
     acc = accumulator_dtype(q.dtype)
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1  # no heads at all: nothing to repeat
     k = k.to(acc).repeat_interleave(group, dim=1)
     v = v.to(acc).repeat_interleave(group, dim=1)
     scores = (q.to(acc) @ k.transpose(-1, -2)) * scale

@@ -338,6 +338,23 @@ def _bad_calls():
     yield "k_cache", ValueError, lambda: decode(q, k[0], v, lengths)
 
 
+@pytest.mark.parametrize("q_shape,kv_shape", [((2, 3, 5, 0), (2, 3, 7, 0)), ((2, 0, 5, 8), (2, 0, 7, 8))],
+                         ids=["head-dim-0", "heads-0"])
+def test_zero_head_dim_or_zero_heads_give_torchs_empty_result(q_shape, kv_shape):
+    q, k = torch.randn(q_shape), torch.randn(kv_shape)
+    expected = F.scaled_dot_product_attention(q, k, k)
+    out = EF.scaled_dot_product_attention(q, k, k)
+    assert out.shape == expected.shape
+    lengths = torch.full((q_shape[0],), kv_shape[2], dtype=torch.int32)
+    assert EF.attention_with_kv_cache(q, k, k, lengths).shape == expected.shape
+
+
+def test_query_heads_without_key_heads_is_an_error():
+    with pytest.raises(ValueError, match="0 heads"):
+        EF.scaled_dot_product_attention(torch.randn(1, 4, 5, 8), torch.randn(1, 0, 5, 8), torch.randn(1, 0, 5, 8),
+                                        enable_gqa=True)
+
+
 @pytest.mark.parametrize("argument,error,call", list(_bad_calls()),
                          ids=[f"{i}-{a}" for i, (a, _, _) in enumerate(_bad_calls())])
 def test_bad_input_names_the_argument(argument, error, call):

@@ -207,6 +207,7 @@ def _bad_calls():
     yield "dropout_p", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, dropout_p=1.0)
     yield "dropout_p", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, dropout_p=-0.5)
     yield "w2", ValueError, lambda: EF.feed_forward(x, w, b, torch.randn(8, 15), b2)
+    yield "w1 makes 16", ValueError, lambda: EF.feed_forward(x, w, b, torch.randn(8, 15), b2)  # not a dummy shape
     yield "b1", ValueError, lambda: EF.feed_forward(x, w, torch.randn(3), w2, b2)
     yield "residual", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, residual=torch.randn(4, 9))
     yield "activation", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, activation="tanh")
