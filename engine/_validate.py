@@ -102,3 +102,15 @@ def broadcastable(name: str, value: Tensor, target: Sequence[int]) -> None:
 def choice(name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def ids_in_range(name: str, ids: Tensor, limit: int, what: str) -> None:
+    """Every id in [0, limit): an embedding lookup past the table is a ValueError naming the
+    argument and the offending value, not torch's bare IndexError (or a device-side assert on a
+    GPU). One reduction and one sync per call."""
+    if ids.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= limit:
+        bad = low if low < 0 else high
+        raise ValueError(f"{name} holds {bad}, outside [0, {limit - 1}] ({what} = {limit})")

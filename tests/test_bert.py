@@ -215,6 +215,12 @@ def test_bad_arguments():
         model(ids, token_type_ids=torch.zeros(2, 4, dtype=torch.long))
     with pytest.raises(ValueError, match="head"):
         model(ids, head="qa")
+    with pytest.raises(ValueError, match=rf"input_ids holds {VOCAB}, outside \[0, {VOCAB - 1}\]"):
+        model(torch.tensor([[1, VOCAB]]))
+    with pytest.raises(ValueError, match=r"token_type_ids holds 2, outside \[0, 1\] \(type_vocab_size = 2\)"):
+        model(ids, token_type_ids=torch.full((2, 5), 2))
+    with pytest.raises(ValueError, match="position_ids holds 16, outside"):
+        model(ids, position_ids=torch.tensor([0, 1, 2, 3, 16]))
 
 
 def test_from_hf_rejects_what_it_cannot_import(tmp_path):

@@ -90,6 +90,19 @@ def test_bad_inputs_raise():
         model(torch.zeros(2, 5, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("token,bad", [(101, 101), (-3, -3)])
+def test_token_ids_outside_the_vocabulary_are_named(token, bad):
+    """torch's embedding says only 'index out of range in self' (or asserts on a GPU)."""
+    model = tiny_gpt()
+    ids = torch.tensor([[1, 2, token]])
+    with pytest.raises(ValueError, match=rf"idx holds {bad}, outside \[0, 100\] \(vocab_size = 101\)"):
+        model(ids)
+    with pytest.raises(ValueError, match=rf"input_ids holds {bad}, outside \[0, 100\]"):
+        model.generate(ids, 2)
+    with pytest.raises(ValueError, match="position_ids holds 32, outside"):
+        model(torch.tensor([[1, 2]]), position_ids=torch.tensor([0, 32]))
+
+
 def test_forward_hooks_on_attn_and_mlp_fire_in_training_prefill_and_decode():
     """Each block calls its attn and mlp modules (never their internals), so forward hooks on them
     see every pass: training, and generation's prefill and decode steps, whose attention runs

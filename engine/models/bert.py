@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import engine.functional as EF
+from engine import _validate
 from engine import nn as enn
 from engine import training
 from engine.models import hf
@@ -197,14 +198,18 @@ class BERT(torch.nn.Module):
         if s > self.config.max_position_embeddings:
             raise ValueError(f"input_ids has {s} positions but max_position_embeddings is "
                              f"{self.config.max_position_embeddings}")
+        _validate.ids_in_range("input_ids", ids, self.config.vocab_size, "vocab_size")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(ids)
         else:
             token_type_ids = self._check_ids("token_type_ids", token_type_ids, (b, s))
+            _validate.ids_in_range("token_type_ids", token_type_ids, self.config.type_vocab_size, "type_vocab_size")
         if position_ids is None:
             position_ids = torch.arange(s, device=ids.device).unsqueeze(0)       # [1, S]
         else:
             position_ids = position_ids.view(-1, s)
+            _validate.ids_in_range("position_ids", position_ids, self.config.max_position_embeddings,
+                                   "max_position_embeddings")
         mask = self._padding_mask(attention_mask, b, s, ids.device)
         x = self.embeddings(ids, token_type_ids, position_ids)
         for layer in self.layers:

@@ -23,12 +23,15 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from engine import _validate
+
 
 def _check(model, input_ids, max_new_tokens, temperature, top_k, top_p, attention_mask) -> None:
     if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError("input_ids must be an int64/int32 tensor [B, T]")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must hold at least one token per prompt, got shape {tuple(input_ids.shape)}")
+    _validate.ids_in_range("input_ids", input_ids, model.config.vocab_size, "vocab_size")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     total = input_ids.shape[1] + max_new_tokens

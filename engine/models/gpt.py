@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import engine.functional as EF
+from engine import _validate
 from engine import nn as enn
 from engine.models import hf
 from engine.models.generate import generate as generate_tokens
@@ -296,6 +297,9 @@ class GPT(torch.nn.Module):
                             f"{tuple(idx.shape) if isinstance(idx, Tensor) else ''}")
         if position_ids is None and idx.shape[1] > self.config.block_size:
             raise ValueError(f"sequence length {idx.shape[1]} exceeds block_size {self.config.block_size}")
+        _validate.ids_in_range("idx", idx, self.config.vocab_size, "vocab_size")
+        if position_ids is not None:
+            _validate.ids_in_range("position_ids", position_ids, self.config.block_size, "block_size")
 
     def padding_mask(self, attention_mask: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
         """transformers' attention_mask [B, S] (1 = token, 0 = padding) -> bool [B, 1, 1, S], the
