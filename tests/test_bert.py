@@ -229,6 +229,12 @@ def test_from_hf_rejects_what_it_cannot_import(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(hf_config().to_dict()))
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         BERT.from_hf(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match=r"cannot read .*model\.safetensors"):
+        BERT.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{ truncated")
+    with pytest.raises(ValueError, match=r"cannot read .*config\.json"):
+        BERT.from_hf(tmp_path)
     with pytest.raises(ValueError, match="decoder"):
         BERT.from_hf(transformers.BertModel(hf_config(is_decoder=True)))
     untied = random_hf(transformers.BertForMaskedLM)

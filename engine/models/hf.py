@@ -28,9 +28,25 @@ def read_checkpoint(model_or_dir, family: str) -> tuple[dict, dict]:
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"no config.json in {folder!r}")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = _read_file(config_path, _read_json)
     return config, _read_weights(folder)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file exists but cannot be read; the message names the file."""
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_file(path: str, read):
+    """read(path), with any failure to parse the file reported as a CheckpointError naming it."""
+    try:
+        return read(path)
+    except Exception as error:  # json, safetensors and torch.load each raise their own kinds
+        raise CheckpointError(f"cannot read {path}: {type(error).__name__}: {error}") from error
 
 
 def _read_weights(folder: str) -> dict:
@@ -40,16 +56,16 @@ def _read_weights(folder: str) -> dict:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
 
-            return load_file(path, device="cpu")
-        return torch.load(path, map_location="cpu", weights_only=True)
+            return _read_file(path, lambda p: load_file(p, device="cpu"))
+        return _read_file(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
 
     for single, index in (("model.safetensors", "model.safetensors.index.json"),
                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if os.path.isfile(os.path.join(folder, single)):
             return load(os.path.join(folder, single))
         if os.path.isfile(os.path.join(folder, index)):
-            with open(os.path.join(folder, index)) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = _read_file(os.path.join(folder, index), lambda p: _read_json(p)["weight_map"])
+            shards = sorted(set(weight_map.values()))
             state = {}
             for shard in shards:
                 state.update(load(os.path.join(folder, shard)))
