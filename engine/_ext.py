@@ -175,6 +175,26 @@ def load(kind: str = "cpu"):
         output = getattr(error, "output", None)
         if output:
             message += "\n" + (output.decode() if isinstance(output, bytes) else str(output))
-        raise BuildError(f"building the {kind} extension failed: {message}") from error
+        raise BuildError(f"building the {kind} extension failed: {_first_errors(message)} "
+                         f"(full compiler log: {_write_log(build_dir, message)})") from error
     record_build(build_dir, identity)
     return module
+
+
+def _first_errors(log: str, count: int = 3) -> str:
+    """The first `count` lines of a compiler log that report an error (else its first lines):
+    a whole log is kilobytes, and it would be repeated wherever the reason is shown."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()] or lines
+    return " | ".join(errors[:count])
+
+
+def _write_log(build_dir: str, log: str) -> str:
+    path = os.path.join(build_dir, "build_error.log")
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+        with open(path, "w") as f:
+            f.write(log)
+    except OSError as error:
+        return f"not written ({error})"
+    return path
