@@ -286,7 +286,7 @@ def _amd_usage(compiled, report: KernelReport):
 def compile_case(module: str, case, target_name: str) -> KernelReport:
     """Compile one case for one target through kernel.warmup and read its resource usage.
 
-    warmup works for all three targets on triton 3.9 (hip included: Triton's wheel carries the
+    warmup works for all three targets on triton 3.6 to 3.9 (hip included: Triton's wheel carries the
     AMD linker), so triton.compile(ASTSource(...)) is not needed as a fallback."""
     import triton
     from triton.backends.compiler import GPUTarget
