@@ -210,8 +210,13 @@ def decode_mask(cache_seqlens: Tensor, sq: int, s_max: int) -> Tensor:
 def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
                             mask: Optional[Tensor], scale: float) -> tuple[Tensor, Tensor]:
     """Attention of q [B, Hq, Sq, D] against the first cache_seqlens[b] entries of the caches
-    [B, Hk, S_max, D/Dv] under decode_mask (and `mask`, broadcastable to [B, Hq, Sq, S_max])."""
-    visible = decode_mask(cache_seqlens, q.shape[2], k_cache.shape[2])
+    [B, Hk, S_max, D/Dv] under decode_mask (and `mask`, broadcastable to [B, Hq, Sq, S_max]).
+    Slots at or past cache_seqlens[b] are never read, as in the kernels: whatever they hold (NaN
+    from an unwritten cache included) cannot reach the result."""
+    s_max = k_cache.shape[2]
+    valid = (torch.arange(s_max, device=q.device) < cache_seqlens.long().view(-1, 1)).view(-1, 1, s_max, 1)
+    k_cache, v_cache = torch.where(valid, k_cache, 0.0), torch.where(valid, v_cache, 0.0)
+    visible = decode_mask(cache_seqlens, q.shape[2], s_max)
     if mask is not None:
         visible = visible & mask if mask.dtype == torch.bool else torch.where(visible, mask, -math.inf)
     return attention(q, k_cache, v_cache, visible, False, scale)

@@ -261,6 +261,19 @@ def test_decode_matches_reference(hq, hk, sq, s_max, d, dtype, masked, backend, 
 
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_decode_never_reads_slots_past_the_valid_length(backend, device):
+    """A NaN (an unwritten slot) past cache_seqlens changes nothing, on every backend."""
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(2, 2, 1, 16, generator=g).to(device)
+    k_cache, v_cache = (torch.randn(2, 2, 24, 16, generator=g).to(device) for _ in range(2))
+    lengths = torch.tensor([24, 9], dtype=torch.int32, device=device)
+    clean = EF.attention_with_kv_cache(q, k_cache, v_cache, lengths, backend=backend)
+    k_cache[1, :, 9:], v_cache[1, :, 9:] = math.nan, math.nan
+    assert torch.equal(EF.attention_with_kv_cache(q, k_cache, v_cache, lengths, backend=backend), clean)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
 def test_decode_equals_full_attention_on_the_valid_prefix(backend, device):
     """One new query per sequence against the cache gives the last row of causal attention over
     the sequence's valid prefix."""
