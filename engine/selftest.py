@@ -1,6 +1,7 @@
 """python -m engine.selftest: check an installed engine on this machine.
 
-    python -m engine.selftest [--device cpu|cuda] [--quick] [--ops NAME,...] [--json PATH] [--jobs N]
+    python -m engine.selftest [--device cpu|cuda] [--quick] [--ops NAME,...] [--backends NAME,...]
+                              [--json PATH] [--jobs N]
 
 Prints the versions (python, torch, triton, transformers, CUDA and driver), the devices and every
 backend with why it is or is not available. Then runs every op on every backend that runs on the
@@ -501,12 +502,12 @@ def runnable_backends(device: torch.device) -> list[str]:
             if state.available and device.type in state.devices]
 
 
-def plan(device: torch.device, quick: bool, ops: list[str]) -> list[tuple]:
-    """(op, backend, dtype, shape) of every check to run on this device."""
+def plan(device: torch.device, quick: bool, ops: list[str], names: list[str]) -> list[tuple]:
+    """(op, backend, dtype, shape) of every check of `ops` on backends `names` on this device."""
     checks = []
     for op in ops:
         _, shapes, dtypes, _ = OPS[op]
-        for backend in runnable_backends(device):
+        for backend in names:
             interpreted = backend == "triton" and device.type == "cpu"
             for shape in shapes[:1] if quick or interpreted else shapes:
                 checks += [(op, backend, dtype, shape) for dtype in dtypes]
@@ -532,18 +533,21 @@ def header() -> str:
     return " ".join(name.ljust(width) for name, width in COLUMNS) + " status"
 
 
-def _in_workers(ops: list[str], device: torch.device, quick: bool, jobs: int) -> Iterator[list[Row]]:
+def _in_workers(ops: list[str], names: list[str], device: torch.device, quick: bool,
+                jobs: int) -> Iterator[list[Row]]:
     """The rows of each op, checked in its own `python -m engine.selftest --ops OP` process, `jobs`
     at a time; yields each op's rows as its process ends. On a GPU nearly all the time goes into
     Triton compiles, which run on one CPU core per process, so processes divide the time; and a
-    kernel that corrupts its CUDA context (an illegal address is sticky) spoils only its own op."""
+    kernel that corrupts its CUDA context (an illegal address is sticky) spoils only its own op.
+    The workers check the backends `names` that run here: one that does not run in a worker gives
+    failed rows there, not fewer rows."""
     package_parent = os.path.dirname(os.path.dirname(os.path.abspath(engine.__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     with tempfile.TemporaryDirectory() as folder:
         def run(op: str) -> list[Row]:
             path = os.path.join(folder, op + ".json")
-            command = [sys.executable, "-m", "engine.selftest", "--device", str(device), "--ops", op, "--json", path,
-                       "--jobs", "1"] + (["--quick"] if quick else [])
+            command = [sys.executable, "-m", "engine.selftest", "--device", str(device), "--ops", op,
+                       "--backends", ",".join(names), "--json", path, "--jobs", "1"] + (["--quick"] if quick else [])
             done = subprocess.run(command, capture_output=True, text=True, env=env)
             try:
                 with open(path) as f:
@@ -566,6 +570,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the small shapes only")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from: {', '.join(OPS)}")
     parser.add_argument("--json", metavar="PATH", help="also write the versions, backends and rows as JSON")
+    parser.add_argument("--backends", help="comma-separated (default: every backend that runs on the device)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="ops checked in parallel processes (default: 1 on the CPU, on a GPU up to 8)")
     args = parser.parse_args(argv)
@@ -591,7 +596,7 @@ def main(argv=None) -> int:
     for name, state in states.items():
         print(f"  {name}: {'available' if state.available else 'UNAVAILABLE'}: {state.reason}")
 
-    rows, checks = [], []
+    rows, checks, names = [], [], []
     if device.type == "cuda" and not torch.cuda.is_available():
         rows.append(Row("device", "-", "-", "-", "-", status="FAIL: --device cuda, but no GPU is visible"))
     else:
@@ -600,7 +605,11 @@ def main(argv=None) -> int:
                 rows.append(Row("backend", name, "-", "-", "-", status=f"FAIL: unavailable: {states[name].reason}"))
         if device.type == "cpu" and "triton" not in runnable_backends(device):
             print("  (set TRITON_INTERPRET=1 to also run the Triton kernels on the CPU, in the interpreter)")
-        checks = plan(device, args.quick, ops)
+        names = args.backends.split(",") if args.backends else runnable_backends(device)
+        unknown = [name for name in names if name not in backends.BACKENDS]
+        if unknown:
+            parser.error(f"unknown backends {unknown}; choose from {list(backends.BACKENDS)}")
+        checks = plan(device, args.quick, ops, names)
     parallel = f", {jobs} processes" if jobs > 1 and checks else ""
     print(f"\n{len(checks)} checks on {device}{parallel}: the {'small' if args.quick else 'small and medium'} shapes "
           f"against the float64 reference, under engine/accuracy.py's rule\n")
@@ -608,7 +617,7 @@ def main(argv=None) -> int:
     for row in rows:
         print(format_row(row), flush=True)
     if jobs > 1 and checks:
-        produced = _in_workers(list(dict.fromkeys(c[0] for c in checks)), device, args.quick, jobs)
+        produced = _in_workers(list(dict.fromkeys(c[0] for c in checks)), names, device, args.quick, jobs)
     else:
         produced = (check(*c, device) for c in checks)
     for op_rows in produced:

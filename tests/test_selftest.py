@@ -117,3 +117,14 @@ def test_cuda_without_a_gpu_fails(capsys, tmp_path):
     assert selftest.main(["--device", "cuda", "--json", str(path)]) == 1
     rows = json.loads(path.read_text())["rows"]
     assert [r["op"] for r in rows] == ["device"] and "no GPU" in rows[0]["status"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a backend that cannot run here")
+def test_a_named_backend_that_cannot_run_gives_failed_rows(capsys, tmp_path):
+    """What a worker process does when a backend the parent saw does not run in it."""
+    status, out, rows = run(["--quick", "--ops", "gelu", "--backends", "reference,cuda"], capsys, tmp_path)
+    assert status == 1
+    cuda_rows = [r for r in rows if r["backend"] == "cuda"]
+    assert len(cuda_rows) == 3  # one failed forward row per dtype; nothing is dropped
+    assert all(r["status"].startswith("FAIL: BackendError") for r in cuda_rows), cuda_rows
+    assert all(r["status"] == "ok" for r in rows if r["backend"] == "reference")
