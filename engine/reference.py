@@ -245,9 +245,12 @@ def activation_grad(pre: Tensor, activation: str) -> Tensor:
         return 0.5 * (1.0 + torch.erf(pre * (1.0 / math.sqrt(2.0)))) + pre * torch.exp(-0.5 * pre * pre) / math.sqrt(
             2.0 * math.pi)
     if activation == "gelu_tanh":  # y = x (1 + t) / 2, t = tanh(c (x + a x^3))
+        # Past |x| = 20, t is +-1 to every digit and the second term 0; clamping keeps x^3 from
+        # overflowing into inf * 0 = NaN there.
         c, a = math.sqrt(2.0 / math.pi), 0.044715
-        t = torch.tanh(c * (pre + a * pre * pre * pre))
-        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * c * (1.0 + 3.0 * a * pre * pre)
+        x = pre.clamp(-20.0, 20.0)
+        t = torch.tanh(c * (x + a * x * x * x))
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * a * x * x)
     if activation == "relu":
         return (pre > 0).to(pre.dtype)
     return torch.ones_like(pre)
