@@ -20,6 +20,9 @@ if [ ! -f "$stamp" ] || [ requirements.txt -nt "$stamp" ] || [ scripts/dev-const
     touch "$stamp"
 fi
 py="$venv/bin/python"
+# Its own C++ extension cache: .venv's torch lives at another path, so sharing the default folder
+# would rebuild the extension (minutes) each time one environment follows the other.
+export TORCH_EXTENSIONS_DIR="$venv/torch_extensions"
 "$py" -c 'import triton; assert triton.__version__ == "3.6.0", triton.__version__'
 
 # The kernels' test files: tests/test_<module>.py for each kernels/<module>.py that has one.
