@@ -227,22 +227,13 @@ std::vector<at::Tensor> attention_decode(const at::Tensor& q, const at::Tensor& 
 #ifdef ENGINE_WITH_CUDA
     if (q.is_cuda()) {
       at::Tensor workspace = at::empty({cuda::attention_forward_workspace_bytes(args)}, q.options().dtype(at::kByte));
-      return cuda::attention_decode(args, workspace.data_ptr(), current_stream());
+      return cuda::attention_forward(args, workspace.data_ptr(), current_stream());
     }
 #endif
     TORCH_CHECK(q.is_cpu(), "attention: this build runs CPU tensors only");
-    cpu::attention_decode(args, cpu_threads(q.numel() + k_cache.numel() + v_cache.numel()));
+    cpu::attention_forward(args, cpu_threads(q.numel() + k_cache.numel() + v_cache.numel()));
   });
   return {out, lse};
-}
-
-// The CPU kernels' fp32 exp, for accuracy tests: x float32 (CPU) -> e^x.
-at::Tensor attention_exp(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_cpu(), "attention_exp: x must be a float32 CPU tensor");
-  const at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty_like(xc);
-  cpu::attention_exp(static_cast<const float*>(xc.data_ptr()), static_cast<float*>(y.data_ptr()), xc.numel());
-  return y;
 }
 
 void bind_attention(pybind11::module& m) {
@@ -254,7 +245,6 @@ void bind_attention(pybind11::module& m) {
         "-> (dq, dk, dv)");
   m.def("attention_decode", &attention_decode,
         "attention against a KV cache (q, k_cache, v_cache, cache_seqlens, mask, scale) -> (out, lse)");
-  m.def("attention_exp", &attention_exp, "the CPU attention kernels' fp32 exp (for accuracy tests)");
 }
 
 }  // namespace engine::bindings

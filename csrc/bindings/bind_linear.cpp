@@ -1,5 +1,5 @@
-// Torch glue for the linear layer with fused epilogue and for GeLU: allocate outputs, run the
-// matrix products on the BLAS torch uses, and call the CPU or CUDA epilogue kernels around them.
+// Torch glue for the linear layer with fused epilogue and for GeLU: check the arguments, allocate
+// the outputs and call the CPU (cpu/linear_blas.cpp, cpu/linear.cpp) or CUDA kernels.
 // Called by engine/ops/linear.py (contract in its docstring) after engine/functional.py
 // validated the inputs:
 //   linear_forward(x [M, K], weight [N, K], bias [N]?, activation, dropout_p, seed, residual [M, N]?,
@@ -10,33 +10,16 @@
 // activation is a string: "none", "gelu" (erf form), "gelu_tanh", "relu"; approximate is "none"
 // or "tanh" as in torch.nn.functional.gelu.
 //
-// CPU: the output is cut into tiles (kTileRows x kTileCols); each OpenMP thread takes a tile,
-// computes its product with one single-threaded BLAS call (at::mm_out inside the parallel
-// region; ATen and MKL run single-threaded when nested), then runs the epilogue on the tile
-// while it is still in cache. Backward: each thread takes a block of rows, computes g on it
-// (prologue) and right away dx for those rows = g_rows @ W; dW = g^T @ x is then one
-// multithreaded product over the whole g, and the bias gradient comes from per-thread partial
-// column sums. Without activation and dropout g is grad_out: dx and dW are plain products.
-// fp16 products run in fp32 (fp32 copies of x and W: torch's fp16 CPU GEMM is ~4x slower than its
-// fp32 GEMM on AVX-512 machines without fp16 FMA); bf16 products run on torch's bf16 GEMM (oneDNN),
-// which also adds the bias (so that pre is rounded once, as in torch's own bf16 F.linear).
+// CPU: tiles of BLAS products with the epilogue on each tile in cache (cpu/linear_blas.cpp).
 // CUDA: at::mm / at::addmm on the CUDA tensors (cuBLAS), the epilogue kernels of
-// csrc/cuda/linear.cu around them (bias in the GEMM for 16-bit types, for the same reason).
-#include <omp.h>
-
-#include <algorithm>
-#include <atomic>
-#include <exception>
+// csrc/cuda/linear.cu around them (bias in the GEMM for 16-bit types, so that pre is rounded once, as in torch's own
+// F.linear).
 #include <string>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#include <unistd.h>
-#endif
-
 #include "bindings/common.h"
 #include "cpu/linear.h"
+#include "cpu/linear_blas.h"
 #ifdef ENGINE_WITH_CUDA
 #include "cuda/linear.h"
 #endif
@@ -58,282 +41,12 @@ bool parse_approximate(const std::string& approximate) {
   return approximate == "tanh";
 }
 
-// New CPU outputs of at least this size are advised to use transparent huge pages.
-constexpr int64_t kHugePageAdviceBytes = int64_t(4) << 20;
-
-// at::empty, plus (CPU, Linux) MADV_HUGEPAGE on large outputs. A fresh [4096, 3072] fp32 output
-// takes ~12k page faults on first touch (about 10 ms on this 2-core VM, a tenth of the matmul
-// that fills it); with huge pages it takes ~24. The advice only changes how the kernel backs the
-// pages: the tensor is an ordinary torch allocation, freed as usual.
-at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor tensor = at::empty(shape, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (tensor.is_cpu() && int64_t(tensor.nbytes()) >= kHugePageAdviceBytes) {
-    const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-    const uintptr_t start = reinterpret_cast<uintptr_t>(tensor.data_ptr());
-    const uintptr_t begin = (start + page - 1) & ~(page - 1);
-    const uintptr_t end = (start + tensor.nbytes()) & ~(page - 1);
-    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);  // advice: errors are harmless
-  }
-#endif
-  return tensor;
-}
-
-int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : t.size(1); }
-
 void check_rows(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1), "linear: ", name,
               " must be [rows, cols] with unit column stride");
 }
 
-template <typename T>
-T* tile_pointer(const at::Tensor& t, int64_t row, int64_t col) {
-  return static_cast<T*>(t.data_ptr()) + row * row_stride(t) + col;
-}
-
-// ---------------------------------------------------------------------------------------------
-// CPU tiling
-
-// Tile of the output one thread computes at a time. A 512 x 512 fp32 tile is 1 MB: the GEMM
-// writes it and the epilogue reads it back from L2/L3 instead of memory; per BLAS call, packing
-// the x rows and W columns costs (512 + 512) * K loads against 512 * 512 * K multiply-adds.
-// Measured on this VM for x [4096, 768], W [3072, 768], gelu, time / torch.mm time (interleaved):
-//                                          quiet (load ~1)   loaded (load ~8, 3 runs)
-//   512 x 512 tiles                          0.97              0.95-0.975
-//   256 x 768 tiles                          0.95              0.96-1.0
-//   256 x 1024 tiles                         0.94              0.95-1.23
-//   one multithreaded at::mm + epilogue      0.95              0.99-1.02
-//   1024-row blocks, threaded mm each        0.97              1.17-1.30
-// Within 3% of each other on a quiet machine; 512 x 512 holds up best when other processes
-// compete for the cores (the work queue moves tiles to whichever thread runs).
-constexpr int64_t kTileRows = 512;
-constexpr int64_t kTileCols = 512;
-// Problems below this many multiply-adds run on one thread (a parallel region costs ~10 us).
-constexpr int64_t kParallelMacs = int64_t(1) << 20;
-
-struct Tiles {
-  int64_t rows;       // tile height
-  int64_t cols;       // tile width
-  int64_t row_count;  // tiles down
-  int64_t col_count;  // tiles across
-  int threads;
-};
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Tiles of at most kTileRows x kTileCols, of even sizes (513 rows are 3 x 171, not 2 x 256 + 1: a
-// 1-row product runs as a matrix-vector product, which both runs slower and sums less accurately).
-Tiles plan_tiles(int64_t m, int64_t n, int64_t k, int threads) {
-  Tiles tiles{};
-  tiles.threads = m * n * std::max<int64_t>(k, 1) < kParallelMacs ? 1 : std::max(threads, 1);
-  tiles.row_count = ceil_div(std::max<int64_t>(m, 1), kTileRows);
-  tiles.col_count = ceil_div(std::max<int64_t>(n, 1), kTileCols);
-  // Few rows (decoding, small batches): cut the columns finer so that every thread has work,
-  // down to 64-column tiles.
-  while (tiles.row_count * tiles.col_count < 2 * tiles.threads && ceil_div(n, tiles.col_count * 2) >= 64)
-    tiles.col_count *= 2;
-  tiles.rows = ceil_div(std::max<int64_t>(m, 1), tiles.row_count);
-  tiles.cols = ceil_div(std::max<int64_t>(n, 1), tiles.col_count);
-  tiles.row_count = ceil_div(std::max<int64_t>(m, 1), tiles.rows);
-  tiles.col_count = ceil_div(std::max<int64_t>(n, 1), tiles.cols);
-  return tiles;
-}
-
-// Runs body(thread) in an OpenMP parallel region; an exception thrown on any thread (a failed
-// at::mm_out, say) is rethrown on the caller's thread instead of terminating the process.
-template <typename Body>
-void parallel_region(int threads, Body&& body) {
-  std::exception_ptr error;
-#pragma omp parallel num_threads(threads)
-  {
-    try {
-      body(omp_get_thread_num());
-    } catch (...) {
-#pragma omp critical(engine_linear_error)
-      if (!error) error = std::current_exception();
-    }
-  }
-  if (error) std::rethrow_exception(error);
-}
-
-// Hands out [0, count) to the threads of a parallel_region one index at a time (a shared
-// counter): on a shared machine a descheduled thread then delays only its current tile, not a
-// fixed share of them.
-class WorkQueue {
- public:
-  explicit WorkQueue(int64_t count) : count_(count) {}
-  template <typename Body>
-  void run(Body&& body) {
-    for (int64_t i = next_.fetch_add(1); i < count_; i = next_.fetch_add(1)) body(i);
-  }
-
- private:
-  const int64_t count_;
-  std::atomic<int64_t> next_{0};
-};
-
-// The type the CPU GEMMs take for storage type T: fp32 for fp16 (see the file comment).
-template <typename T>
-using gemm_t = std::conditional_t<std::is_same_v<T, half>, float, T>;
-
-template <typename T>
-at::ScalarType gemm_scalar_type(at::ScalarType dtype) {
-  return std::is_same_v<T, half> ? at::kFloat : dtype;
-}
-
-template <typename T>
-void cpu_linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, Activation activation,
-                        double dropout_p, uint64_t seed, const at::Tensor& residual, const at::Tensor& out,
-                        const at::Tensor& pre, const at::Tensor& keep) {
-  using A = acc_t<T>;
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  const Tiles tiles = plan_tiles(m, n, k, cpu_threads());
-  const bool bf16 = std::is_same_v<T, bfloat16>;
-  const bool fp16 = std::is_same_v<T, half>;
-  // Operands of the GEMMs (detached: worker threads run with grad mode on, and out= ops refuse
-  // inputs that require grad).
-  const at::Tensor x_gemm = fp16 ? x.detach().to(at::kFloat) : x.detach();
-  const at::Tensor w_gemm = fp16 ? weight.detach().to(at::kFloat) : weight.detach();
-  const at::Tensor bias_gemm = bias.defined() ? bias.detach() : bias;
-  // Where each tile's product goes: fp16 -> a per-thread fp32 tile buffer; else straight into
-  // pre (the epilogue adds the bias in place) or, without activation, into out.
-  const at::Tensor& destination = activation != Activation::kNone ? pre : out;
-  const bool bias_in_gemm = bf16 && bias.defined();
-  // (fp16 always: its product is in the fp32 tile buffer and the epilogue converts it into out)
-  const bool needs_epilogue = fp16 || activation != Activation::kNone || (bias.defined() && !bias_in_gemm) ||
-                              dropout_p > 0 || residual.defined();
-  const T* bias_data = bias.defined() && !bias_in_gemm ? static_cast<const T*>(bias.data_ptr()) : nullptr;
-
-  WorkQueue queue(tiles.row_count * tiles.col_count);
-  parallel_region(tiles.threads, [&](int) {
-    std::vector<A> scratch(cpu::kTileScratch * tiles.cols);
-    at::Tensor product_buffer = fp16 ? at::empty({tiles.rows, tiles.cols}, x_gemm.options()) : at::Tensor();
-    queue.run([&](int64_t index) {
-      const int64_t r0 = (index / tiles.col_count) * tiles.rows, c0 = (index % tiles.col_count) * tiles.cols;
-      const int64_t rows = std::min(tiles.rows, m - r0), cols = std::min(tiles.cols, n - c0);
-      const at::Tensor x_rows = x_gemm.narrow(0, r0, rows);
-      const at::Tensor w_cols_t = w_gemm.narrow(0, c0, cols).t();
-      using P = std::conditional_t<std::is_same_v<T, half>, float, T>;
-      cpu::LinearForwardTile<T, P> tile{};
-      if constexpr (std::is_same_v<T, half>) {
-        at::Tensor product = product_buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(product, x_rows, w_cols_t);
-        tile.product = static_cast<const float*>(product_buffer.data_ptr());
-        tile.product_stride = tiles.cols;
-      } else {
-        at::Tensor product = destination.narrow(0, r0, rows).narrow(1, c0, cols);
-        if (bias_in_gemm)
-          at::addmm_out(product, bias_gemm.narrow(0, c0, cols), x_rows, w_cols_t);
-        else
-          at::mm_out(product, x_rows, w_cols_t);
-        tile.product = tile_pointer<T>(destination, r0, c0);
-        tile.product_stride = n;
-      }
-      if (!needs_epilogue) return;
-      tile.bias = bias_data ? bias_data + c0 : nullptr;
-      tile.residual = residual.defined() ? tile_pointer<T>(residual, r0, c0) : nullptr;
-      tile.residual_stride = residual.defined() ? row_stride(residual) : 0;
-      tile.pre = activation != Activation::kNone ? tile_pointer<T>(pre, r0, c0) : nullptr;
-      tile.pre_stride = n;
-      tile.out = tile_pointer<T>(out, r0, c0);
-      tile.out_stride = n;
-      tile.keep = keep.numel() > 0 ? tile_pointer<bool>(keep, r0, c0) : nullptr;
-      tile.keep_stride = n;
-      tile.rows = rows;
-      tile.cols = cols;
-      tile.row0 = r0;
-      tile.col0 = c0;
-      tile.activation = activation;
-      tile.dropout_p = dropout_p;
-      tile.seed = seed;
-      cpu::linear_forward_tile(tile, scratch.data());
-    });
-  });
-}
-
-template <typename T>
-void cpu_linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                         const at::Tensor& pre, Activation activation, double dropout_p, uint64_t seed,
-                         bool need_weight_grad, bool need_bias_grad, at::Tensor& dx, at::Tensor& dweight,
-                         at::Tensor& dbias) {
-  using G = gemm_t<T>;
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  const at::ScalarType gemm_type = gemm_scalar_type<T>(x.scalar_type());
-  const bool fp16 = std::is_same_v<T, half>;
-  const at::Tensor x_gemm = fp16 ? x.detach().to(at::kFloat) : x.detach();
-  const at::Tensor w_gemm = fp16 ? weight.detach().to(at::kFloat) : weight.detach();
-  const at::Tensor grad = grad_out.detach();
-  const bool identity = activation == Activation::kNone && dropout_p == 0;  // g = grad_out
-  const int threads = m * n * std::max<int64_t>(k, 1) < kParallelMacs ? 1 : std::max(cpu_threads(), 1);
-  // dx in the GEMM type (fp16: an fp32 buffer, converted at the end).
-  at::Tensor dx_gemm = fp16 ? at::empty({m, k}, x_gemm.options()) : dx;
-  at::Tensor bias_partials = need_bias_grad ? at::zeros({threads, n}, x.options().dtype(at::kDouble)) : at::Tensor();
-  at::Tensor g;
-
-  if (identity) {
-    g = fp16 ? grad.to(at::kFloat) : grad;
-    at::mm_out(dx_gemm, g, w_gemm);
-    if (need_bias_grad) {
-      // Columns split over the threads: each owns its slice of the sums.
-      const int64_t per_thread = (n + threads - 1) / threads;
-      parallel_region(threads, [&](int thread) {
-        const int64_t c0 = std::min(n, thread * per_thread), cols = std::min(per_thread, n - c0);
-        if (cols > 0)
-          cpu::column_sums(tile_pointer<T>(grad, 0, c0), row_stride(grad), m, cols,
-                           static_cast<double*>(bias_partials.data_ptr()) + c0);
-      });
-    }
-  } else {
-    // g for all rows when dW needs it afterwards, else one row block per thread.
-    const Tiles tiles = plan_tiles(m, n, k, threads);
-    const int64_t block_rows = tiles.rows;
-    g = need_weight_grad ? new_output({m, n}, x.options().dtype(gemm_type)) : at::Tensor();
-    WorkQueue queue(tiles.row_count);
-    parallel_region(threads, [&](int thread) {
-      std::vector<acc_t<T>> scratch(cpu::kTileScratch * n);
-      at::Tensor block = need_weight_grad ? at::Tensor() : at::empty({block_rows, n}, x.options().dtype(gemm_type));
-      double* bias_grad = need_bias_grad ? static_cast<double*>(bias_partials.data_ptr()) + thread * n : nullptr;
-      queue.run([&](int64_t index) {
-        const int64_t r0 = index * block_rows, rows = std::min(block_rows, m - r0);
-        at::Tensor g_rows = need_weight_grad ? g.narrow(0, r0, rows) : block.narrow(0, 0, rows);
-        cpu::LinearBackwardTile<T, G> tile{};
-        tile.grad_out = tile_pointer<T>(grad, r0, 0);
-        tile.grad_stride = row_stride(grad);
-        tile.pre = activation != Activation::kNone ? tile_pointer<T>(pre, r0, 0) : nullptr;
-        tile.pre_stride = activation != Activation::kNone ? row_stride(pre) : 0;
-        tile.g = static_cast<G*>(g_rows.data_ptr());
-        tile.g_stride = n;
-        tile.bias_grad = bias_grad;
-        tile.rows = rows;
-        tile.cols = n;
-        tile.row0 = r0;
-        tile.col0 = 0;
-        tile.activation = activation;
-        tile.dropout_p = dropout_p;
-        tile.seed = seed;
-        cpu::linear_backward_tile(tile, scratch.data());
-        // dx for these rows while g_rows is in cache (FFN forward+backward: 10% faster than
-        // materializing all of g first and then one multithreaded g @ W).
-        at::Tensor dx_rows = dx_gemm.narrow(0, r0, rows);
-        at::mm_out(dx_rows, g_rows, w_gemm);
-      });
-    });
-  }
-  if (need_weight_grad) {
-    // One multithreaded product over the whole g (MKL's own threading). Measured on the FFN
-    // forward+backward (x [4096, 768], d_ff 3072, quiet machine): 2% faster than blocks of dW
-    // rows spread over the threads with one single-threaded product each (which was ahead only
-    // while other processes competed for the cores).
-    at::Tensor dw = at::mm(g.t(), x_gemm);
-    dweight = dw.scalar_type() == weight.scalar_type() ? dw : dw.to(weight.scalar_type());
-  }
-  if (need_bias_grad) dbias = bias_partials.sum(0).to(weight.scalar_type());
-  if (fp16) dx.copy_(dx_gemm);
-}
-
 }  // namespace
-
-// ---------------------------------------------------------------------------------------------
 
 std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias, const std::string& activation_name,
@@ -353,8 +66,8 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
     if (!(r.dim() == 2 && (r.stride(1) == 1 || n <= 1))) r = r.contiguous();
     TORCH_CHECK(r.size(0) == m && r.size(1) == n, "linear: residual must be [M, N]");
   }
-  at::Tensor out = new_output({m, n}, x.options());
-  at::Tensor pre = activation != Activation::kNone ? new_output({m, n}, x.options()) : at::empty({0}, x.options());
+  at::Tensor out = cpu::new_output({m, n}, x.options());
+  at::Tensor pre = activation != Activation::kNone ? cpu::new_output({m, n}, x.options()) : at::empty({0}, x.options());
   at::Tensor keep = return_dropout_mask && dropout_p > 0 ? at::empty({m, n}, x.options().dtype(at::kBool))
                                                          : at::empty({0}, x.options().dtype(at::kBool));
   if (m == 0 || n == 0) return {out, pre, keep};
@@ -375,7 +88,7 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
       args.product_stride = n;
       args.bias = b.defined() && !bias_in_gemm ? static_cast<const T*>(b.data_ptr()) : nullptr;
       args.residual = r.defined() ? static_cast<const T*>(r.data_ptr()) : nullptr;
-      args.residual_stride = r.defined() ? row_stride(r) : 0;
+      args.residual_stride = r.defined() ? cpu::row_stride(r) : 0;
       args.pre = activation != Activation::kNone ? static_cast<T*>(pre.data_ptr()) : nullptr;
       args.out = static_cast<T*>(out.data_ptr());
       args.keep = keep.numel() > 0 ? static_cast<bool*>(keep.data_ptr()) : nullptr;
@@ -390,7 +103,7 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
     }
 #endif
     TORCH_CHECK(x.is_cpu(), "linear: this build runs CPU tensors only");
-    cpu_linear_forward<T>(x, weight, b, activation, dropout_p, seed_bits, r, out, pre, keep);
+    cpu::linear_forward<T>(x, weight, b, activation, dropout_p, seed_bits, r, out, pre, keep);
   });
   return {out, pre, keep};
 }
@@ -411,7 +124,7 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
               "linear: backward of an activation needs pre_activation [M, N]");
   if (saved_pre.defined() && !(saved_pre.stride(1) == 1 || n <= 1)) saved_pre = saved_pre.contiguous();
 
-  at::Tensor dx = new_output({m, k}, x.options());
+  at::Tensor dx = cpu::new_output({m, k}, x.options());
   at::Tensor dweight = need_weight_grad ? at::Tensor() : at::empty({0}, weight.options());
   at::Tensor dbias = need_bias_grad ? at::Tensor() : at::empty({0}, weight.options());
   if (m == 0 || n == 0) {  // nothing flows back (k == 0 runs below: the bias gradient remains)
@@ -438,9 +151,9 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
         if (need_bias_grad) dbias = at::empty({n}, weight.options());
         cuda::LinearBackwardArgs<T> args{};
         args.grad_out = static_cast<const T*>(grad.data_ptr());
-        args.grad_stride = row_stride(grad);
+        args.grad_stride = cpu::row_stride(grad);
         args.pre = saved_pre.defined() ? static_cast<const T*>(saved_pre.data_ptr()) : nullptr;
-        args.pre_stride = saved_pre.defined() ? row_stride(saved_pre) : 0;
+        args.pre_stride = saved_pre.defined() ? cpu::row_stride(saved_pre) : 0;
         args.g = static_cast<T*>(g.data_ptr());
         args.bias_grad_partial = need_bias_grad ? static_cast<acc_t<T>*>(partial.data_ptr()) : nullptr;
         args.bias_grad = need_bias_grad ? static_cast<T*>(dbias.data_ptr()) : nullptr;
@@ -458,8 +171,8 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
     }
 #endif
     TORCH_CHECK(x.is_cpu(), "linear: this build runs CPU tensors only");
-    cpu_linear_backward<T>(grad, x, weight, saved_pre, activation, dropout_p, seed_bits, need_weight_grad,
-                           need_bias_grad, dx, dweight, dbias);
+    cpu::linear_backward<T>(grad, x, weight, saved_pre, activation, dropout_p, seed_bits, need_weight_grad,
+                            need_bias_grad, dx, dweight, dbias);
   });
   return {dx, dweight, dbias};
 }
@@ -467,7 +180,7 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
 at::Tensor gelu_forward(const at::Tensor& x, const std::string& approximate) {
   const bool tanh = parse_approximate(approximate);
   const at::Tensor input = x.contiguous();
-  at::Tensor y = new_output(input.sizes(), input.options());
+  at::Tensor y = cpu::new_output(input.sizes(), input.options());
   const int64_t count = input.numel();
   if (count == 0) return y;
   dispatch_float_types(input.scalar_type(), [&](auto tag) {
@@ -488,7 +201,7 @@ at::Tensor gelu_backward(const at::Tensor& grad_y, const at::Tensor& x, const st
   const at::Tensor input = x.contiguous();
   const at::Tensor grad = grad_y.contiguous();
   TORCH_CHECK(grad.sizes() == input.sizes(), "gelu: grad_y and x must have the same shape");
-  at::Tensor dx = new_output(input.sizes(), input.options());
+  at::Tensor dx = cpu::new_output(input.sizes(), input.options());
   const int64_t count = input.numel();
   if (count == 0) return dx;
   dispatch_float_types(input.scalar_type(), [&](auto tag) {

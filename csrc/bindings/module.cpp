@@ -9,11 +9,6 @@ void bind_linear(pybind11::module& m);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "engine C++ kernels (csrc/)";
-#ifdef ENGINE_WITH_CUDA
-  m.attr("with_cuda") = true;
-#else
-  m.attr("with_cuda") = false;
-#endif
   engine::bindings::bind_layer_norm(m);
   engine::bindings::bind_attention(m);
   engine::bindings::bind_linear(m);

@@ -13,22 +13,22 @@
 // Where the primitives come from:
 //   device code      CUDA's normcdff/normcdf and expf/exp (accurate to a few ulp)
 //   host double      std::erfc and std::exp (correctly rounded or nearly)
-//   host float       the polynomial approximations below, written without branches or calls so
-//                    that `#pragma omp simd` loops vectorize them (libm's erff/expf would not
-//                    vectorize without -ffast-math). Max errors against float64 math, measured on
-//                    1.7e7 random float32 inputs in [-20, 20] plus a 1e-5-step sweep of [-14, 14]:
-//                    exp 1.0 ulp; Phi 5.7 ulp (relative, lower tail included); gelu 6.7 ulp;
-//                    gelu' 5.2 ulp of its larger term (Phi or x phi; it crosses 0 at x = -0.75);
+//   host float       the polynomial approximations below and exp_f32 (common/float_math.h),
+//                    written without branches or calls so that `#pragma omp simd` loops vectorize
+//                    them (libm's erff/expf would not vectorize without -ffast-math). Max errors
+//                    against float64 math, measured on 1.7e7 random float32 inputs in [-20, 20]
+//                    plus a 1e-5-step sweep of [-14, 14]: exp 1.0 ulp; Phi 5.7 ulp (relative,
+//                    lower tail included); gelu 6.7 ulp; gelu' 5.2 ulp of its larger term (Phi or x phi; it crosses 0 at x = -0.75);
 //                    gelu_tanh and its derivative within 5.2e-7 / 2.2e-7 absolute; relative
 //                    errors grow as |2u| * 2^-24 in the lower tail (the rounding of u in fp32;
 //                    torch's fp32 form 0.5 x (1 + tanh(u)) loses everything there to cancellation).
 #pragma once
 
 #include <cmath>
-#include <cstring>
 #include <type_traits>
 
 #include "common/dtypes.h"
+#include "common/float_math.h"
 
 namespace engine {
 
@@ -56,56 +56,6 @@ constexpr double kInvSqrt2Pi = 0.39894228040143267794;    // 1 / sqrt(2 pi)
 constexpr double kTanhScale = 0.79788456080286535588;     // sqrt(2 / pi)
 constexpr double kTanhCubic = 0.044715;
 
-HOST_DEVICE float fused_multiply_add(float a, float b, float c) {
-#if defined(__CUDA_ARCH__) || defined(__FMA__)
-  return fmaf(a, b, c);
-#else
-  return a * b + c;  // no FMA unit: the caller's error terms are then only approximate
-#endif
-}
-
-// cond ? a : b without a branch, for float or double. GCC (with its default -ftrapping-math)
-// sinks the arithmetic of a ternary's arms into branches and then cannot vectorize the loop
-// unless the target has masked instructions (AVX-512 does, AVX2 does not); selecting the bits
-// keeps both arms unconditional, so the hot loops use this instead of ?: on the host.
-template <typename A>
-HOST_DEVICE A choose(bool cond, A a, A b) {
-#if defined(__CUDA_ARCH__)
-  return cond ? a : b;
-#else
-  using Bits = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
-  const Bits mask = Bits(0) - static_cast<Bits>(cond);
-  Bits a_bits, b_bits;
-  std::memcpy(&a_bits, &a, sizeof(A));
-  std::memcpy(&b_bits, &b, sizeof(A));
-  const Bits bits = (a_bits & mask) | (b_bits & ~mask);
-  A result;
-  std::memcpy(&result, &bits, sizeof(A));
-  return result;
-#endif
-}
-
-// exp(y) for float on the host, for y in [-87.3, 88]: y = n ln2 + r with |r| <= ln2 / 2 (n rounded
-// with the 1.5 * 2^23 trick, ln2 split into a 16-bit head and a tail so n * head is exact), e^r
-// by a degree-6 polynomial (relative minimax on [-ln2/2, ln2/2], error 2e-9, fitted for this
-// file), times 2^n built in the exponent bits. Below -87.3 the result would be subnormal: 0.
-// Above 88 it is clamped to exp(88) (finite, so that callers may multiply it by 0). NaN -> NaN.
-HOST_DEVICE float exp_f32(float y) {
-  const float clamped = choose<float>(y < -87.3f, -87.3f, choose<float>(y > 88.0f, 88.0f, y));  // NaN stays
-  const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  float r = fused_multiply_add(n, -0.693145751953125f, clamped);
-  r = fused_multiply_add(n, -1.42860682030941723e-6f, r);
-  float p = 1.383683693e-03f;
-  p = fused_multiply_add(p, r, 8.374815753e-03f);
-  p = fused_multiply_add(p, r, 4.166822573e-02f);
-  p = fused_multiply_add(p, r, 1.666642017e-01f);
-  p = fused_multiply_add(p, r, 4.999999208e-01f);
-  p = fused_multiply_add(p, r, 1.0f);
-  p = fused_multiply_add(p, r, 1.0f);
-  const float scale = bits_as_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  return choose<float>(y < -87.3f, 0.0f, p * scale);
-}
-
 // Phi(x) and phi(x) for float on the host. With z = |x| / sqrt(2):
 //   z < 0.75:  erf(z) = z P(z^2), P of degree 5 (relative error 1.4e-9 on [0, 0.75]),
 //              Phi(+-|x|) = (1 +- erf(z)) / 2
@@ -124,32 +74,32 @@ HOST_DEVICE NormalCdfPdf normal_cdf_pdf_f32(float x) {
   const float ax = fabsf(x);
   const float xx = ax * ax;
   // exact rounding error of xx (0 for huge |x|, where it would be inf - inf; exp is 0 there)
-  const float xx_err = choose<float>(xx < 1e30f, fused_multiply_add(ax, ax, -xx), 0.0f);
-  const float gauss = exp_f32(-0.5f * xx) * (1.0f - 0.5f * xx_err);  // exp(-x^2 / 2)
+  const float xx_err = math::choose<float>(xx < 1e30f, math::fused_multiply_add(ax, ax, -xx), 0.0f);
+  const float gauss = math::exp_f32(-0.5f * xx) * (1.0f - 0.5f * xx_err);  // exp(-x^2 / 2)
   const float z = ax * float(kSqrtHalf);
   const float zz = 0.5f * xx;
   float p = -6.749510989e-04f;
-  p = fused_multiply_add(p, zz, 5.114345230e-03f);
-  p = fused_multiply_add(p, zz, -2.683462441e-02f);
-  p = fused_multiply_add(p, zz, 1.128337657e-01f);
-  p = fused_multiply_add(p, zz, -3.761261876e-01f);
-  p = fused_multiply_add(p, zz, 1.128379165e+00f);
+  p = math::fused_multiply_add(p, zz, 5.114345230e-03f);
+  p = math::fused_multiply_add(p, zz, -2.683462441e-02f);
+  p = math::fused_multiply_add(p, zz, 1.128337657e-01f);
+  p = math::fused_multiply_add(p, zz, -3.761261876e-01f);
+  p = math::fused_multiply_add(p, zz, 1.128379165e+00f);
   const float half_erf = 0.5f * z * p;
-  const float t = 1.0f / fused_multiply_add(0.5f, z, 1.0f);
+  const float t = 1.0f / math::fused_multiply_add(0.5f, z, 1.0f);
   float q = -5.258635158e-02f;
-  q = fused_multiply_add(q, t, 2.666421405e-01f);
-  q = fused_multiply_add(q, t, -4.690662314e-01f);
-  q = fused_multiply_add(q, t, 2.714529310e-01f);
-  q = fused_multiply_add(q, t, -2.812574655e-02f);
-  q = fused_multiply_add(q, t, 2.048087231e-01f);
-  q = fused_multiply_add(q, t, 2.423748529e-01f);
-  q = fused_multiply_add(q, t, 2.824856468e-01f);
-  q = fused_multiply_add(q, t, 2.820801158e-01f);
+  q = math::fused_multiply_add(q, t, 2.666421405e-01f);
+  q = math::fused_multiply_add(q, t, -4.690662314e-01f);
+  q = math::fused_multiply_add(q, t, 2.714529310e-01f);
+  q = math::fused_multiply_add(q, t, -2.812574655e-02f);
+  q = math::fused_multiply_add(q, t, 2.048087231e-01f);
+  q = math::fused_multiply_add(q, t, 2.423748529e-01f);
+  q = math::fused_multiply_add(q, t, 2.824856468e-01f);
+  q = math::fused_multiply_add(q, t, 2.820801158e-01f);
   const float half_erfc = 0.5f * gauss * t * q;
   const bool small = z < 0.75f;
-  const float lower = choose<float>(small, 0.5f - half_erf, half_erfc);          // Phi(-|x|)
-  const float upper = choose<float>(small, 0.5f + half_erf, 1.0f - half_erfc);   // Phi(|x|)
-  return {choose<float>(x < 0.0f, lower, upper), gauss * float(kInvSqrt2Pi)};
+  const float lower = math::choose<float>(small, 0.5f - half_erf, half_erfc);          // Phi(-|x|)
+  const float upper = math::choose<float>(small, 0.5f + half_erf, 1.0f - half_erfc);   // Phi(|x|)
+  return {math::choose<float>(x < 0.0f, lower, upper), gauss * float(kInvSqrt2Pi)};
 }
 
 // Phi(x) and phi(x) in A (float or double), from the best primitives of where it runs.
@@ -175,26 +125,15 @@ HOST_DEVICE void normal_cdf_pdf(A x, A& cdf, A& pdf) {
 #endif
 }
 
-template <typename A>
-HOST_DEVICE A exp_of(A y) {
-#if defined(__CUDA_ARCH__)
-  if constexpr (sizeof(A) == 4) return expf(y);
-  else return exp(y);
-#else
-  if constexpr (sizeof(A) == 4) return exp_f32(y);
-  else return std::exp(y);
-#endif
-}
-
 // For gelu_tanh: s = sigmoid(2u) and 1 - s = e s with e = exp(-2u). e is capped (exp_f32 clamps
 // at exp(88); the device/double exp is capped here) so that e * s stays finite for very negative
 // u, where s underflows: then 1 - s = e s ~ 1, as it should be.
 template <typename A>
 HOST_DEVICE void tanh_gate(A x, A& s, A& one_minus_s) {
   const A u2 = A(2 * kTanhScale) * (x + A(kTanhCubic) * x * x * x);  // 2u
-  A e = exp_of<A>(-u2);
+  A e = math::exp_of<A>(-u2);
   const A cap = sizeof(A) == 4 ? A(1e37) : A(1e300);
-  e = choose<A>(e < cap, e, cap);  // NaN stays NaN (the comparison is false)
+  e = math::choose<A>(e < cap, e, cap);  // NaN stays NaN (the comparison is false)
   s = A(1) / (A(1) + e);
   one_minus_s = e * s;
 }
@@ -213,7 +152,7 @@ HOST_DEVICE A activate(A x) {
     activation_math::tanh_gate(x, s, one_minus_s);
     return x * s;
   } else if constexpr (kAct == Activation::kRelu) {
-    return activation_math::choose<A>(x < A(0), A(0), x);  // NaN is not < 0: it propagates, as torch's relu
+    return math::choose<A>(x < A(0), A(0), x);  // NaN is not < 0: it propagates, as torch's relu
   } else {
     return x;
   }
@@ -233,7 +172,7 @@ HOST_DEVICE A activation_grad(A x) {
     const A a3 = A(3 * activation_math::kTanhCubic);
     return s + A(2) * x * s * one_minus_s * c * (A(1) + a3 * x * x);
   } else if constexpr (kAct == Activation::kRelu) {
-    return activation_math::choose<A>(x > A(0), A(1), A(0));
+    return math::choose<A>(x > A(0), A(1), A(0));
   } else {
     return A(1);
   }

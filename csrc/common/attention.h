@@ -26,6 +26,7 @@
 #include <cstdint>
 
 #include "common/dtypes.h"
+#include "common/float_math.h"
 #include "common/philox.h"
 
 namespace engine {
@@ -95,8 +96,7 @@ HOST_DEVICE A attention_normalize(A o, A l) {
 // running max m_p and sum l_p; its weight in the merged row is e^(m_p - M), M = max_p m_p.
 template <typename A>
 HOST_DEVICE A attention_merge_weight(A m_partial, A m_total) {
-  using std::exp;
-  return m_partial == attention_neg_inf<A>() ? A(0) : exp(m_partial - attention_safe_max(m_total));
+  return m_partial == attention_neg_inf<A>() ? A(0) : math::exp_of(m_partial - attention_safe_max(m_total));
 }
 
 // Pointers are element pointers of the kernel's storage type T (float, double, half,

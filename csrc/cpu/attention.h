@@ -1,6 +1,6 @@
-// CPU softmax attention (csrc/cpu/attention.cpp): forward, backward and decode, flash-style
-// (tiles of queries against tiles of keys, online softmax in the accumulator type, the [Sq, Sk]
-// score matrix never stored). Storage types: float, double, engine::half, engine::bfloat16.
+// CPU softmax attention (csrc/cpu/attention_forward.cpp, attention_backward.cpp): forward (plain
+// and decode) and backward, flash-style (tiles of queries against tiles of keys, online softmax
+// in the accumulator type, the [Sq, Sk] score matrix never stored). Storage types: float, double, engine::half, engine::bfloat16.
 #pragma once
 
 #include "common/attention.h"
@@ -13,15 +13,8 @@ namespace engine::cpu {
 template <typename T>
 void attention_forward(const AttentionForwardArgs<T>& args, int num_threads);
 
-// The decode entry point: attention_forward with the cache's visibility rule (args.seqlens).
-template <typename T>
-void attention_decode(const AttentionForwardArgs<T>& args, int num_threads);
-
 // dq, dk, dv from the saved out and lse (fills args.delta first).
 template <typename T>
 void attention_backward(const AttentionBackwardArgs<T>& args, int num_threads);
-
-// exp as the kernels compute it in fp32 (for accuracy tests): y[i] = e^x[i].
-void attention_exp(const float* x, float* y, int64_t n);
 
 }  // namespace engine::cpu

@@ -154,7 +154,7 @@ ENGINE_FLATTEN void forward_tile(const LinearForwardTile<T, P>& t, acc_t<T>* scr
     // by 0 (not replaced by 0), so NaN and inf propagate as in the reference.
     auto finish = [&](A v, int64_t j) {
       A y = activate<kAct, A>(v);
-      if constexpr (kDropout) y *= activation_math::choose<A>(uniforms[j] >= p, scale, A(0));
+      if constexpr (kDropout) y *= math::choose<A>(uniforms[j] >= p, scale, A(0));
       if constexpr (kResidual) y += residual[j];
       return y;
     };
@@ -212,7 +212,7 @@ ENGINE_FLATTEN void backward_tile(const LinearBackwardTile<T, G>& t, acc_t<T>* s
 #pragma omp simd
     for (int64_t j = 0; j < n; ++j) {
       A v = grad[j];
-      if constexpr (kDropout) v *= activation_math::choose<A>(uniforms[j] >= p, scale, A(0));
+      if constexpr (kDropout) v *= math::choose<A>(uniforms[j] >= p, scale, A(0));
       if constexpr (kAct != Activation::kNone) v *= activation_grad<kAct, A>(pre[j]);
       g[j] = v;
     }

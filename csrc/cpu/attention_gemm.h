@@ -1,0 +1,32 @@
+// The register-blocked matrix product of every CPU attention tile (csrc/cpu/attention_gemm.cpp),
+// internal to the attention units.
+#pragma once
+
+#include <cstdint>
+
+namespace engine::cpu::attention_detail {
+
+// The matrix product of every tile:
+//   C[m, n] = beta_m C[m, n] + sum_k A[m * a_ms + k * a_ks] B[k * ldb + n]
+// for m < M, n < N, k < K; beta_m = 0 (zero), 1 (accumulate) or row_scale[m] (rescale).
+
+enum class Init { zero, accumulate, rescale };
+
+// A is float or double (instantiated in attention_gemm.cpp). a and b may be transposed views
+// through the strides; row_scale is read only for Init::rescale.
+template <typename A>
+void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t a_ms, int64_t a_ks, const A* b, int64_t ldb,
+          A* c, int64_t ldc, Init init, const A* row_scale = nullptr);
+
+#if defined(__AVX512F__)
+// The fp32 micro-kernel's chunk (backward's delta sums in the same chunks). Accuracy: the sum over k runs in chunks of kChunk terms, each in a fresh register chain that is
+// then added to C (kept in L1), rather than in one chain of K terms: sums with cancellation
+// (scores, dP, whose terms have both signs) then carry the rounding error of ~kChunk + K / kChunk
+// sequential additions instead of K (about 2x lower at K = 64, measured), at the cost of one load
+// and one store of the block per chunk, which the store port and spare load slots absorb.
+// (Keeping several interleaved chains in registers instead halves the block, and then the loads
+// of B and the broadcasts of A, not the FMAs, set the pace: ~2x slower.)
+constexpr int64_t kChunk = 16;
+#endif
+
+}  // namespace engine::cpu::attention_detail
