@@ -53,7 +53,6 @@ struct ScalarLanes {
   static V mul(V a, V b) { return a * b; }
   static V fma(V a, V b, V c) { return a * b + c; }
   static V max(V a, V b) { return a > b ? a : b; }
-  static V exp(V x) { return math::exp_of(x); }
   static V safe_max(V m) { return attention_safe_max(m); }
   // e^(x - y): the difference first, so that it is exactly 1 when x == y
   static V exp_diff(V x, V y) { return math::exp_of(x - y); }
@@ -72,20 +71,20 @@ struct Avx512Lanes {
   static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   // max(a, b) with a NaN in b propagated (vmaxps returns its second operand on NaN)
   static V max(V a, V b) { return _mm512_max_ps(a, b); }
-  // math::exp_f32 lane by lane: the loop compiles to the vector instructions of one register,
-  // so the CPU code keeps a single fp32 exp (its measured accuracy is in common/float_math.h)
-  static V exp(V x) {
-    alignas(64) float lanes[16];
-    _mm512_store_ps(lanes, x);
-#pragma omp simd
-    for (int i = 0; i < 16; ++i) lanes[i] = math::exp_f32(lanes[i]);
-    return _mm512_load_ps(lanes);
-  }
   static V safe_max(V m) {
     const __mmask16 empty = _mm512_cmp_ps_mask(m, _mm512_set1_ps(-HUGE_VALF), _CMP_EQ_OQ);
     return _mm512_mask_blend_ps(empty, m, _mm512_setzero_ps());
   }
-  static V exp_diff(V x, V y) { return exp(_mm512_sub_ps(x, y)); }
+  // e^(x - y) by math::exp_f32 lane by lane: the loop compiles to the vector instructions of one
+  // register (two 256-bit halves where GCC prefers 256-bit vectors, as for sapphirerapids), so
+  // the CPU code keeps a single fp32 exp (its measured accuracy is in common/float_math.h)
+  static V exp_diff(V x, V y) {
+    alignas(64) float lanes[16];
+    _mm512_store_ps(lanes, _mm512_sub_ps(x, y));
+#pragma omp simd
+    for (int i = 0; i < 16; ++i) lanes[i] = math::exp_f32(lanes[i]);
+    return _mm512_load_ps(lanes);
+  }
 };
 template <typename A>
 using Lanes = std::conditional_t<std::is_same_v<A, float>, Avx512Lanes, ScalarLanes<A>>;

@@ -14,7 +14,6 @@
 #include "cpu/linear_blas.h"
 
 #include <ATen/Parallel.h>
-
 #include <omp.h>
 
 #include <algorithm>
