@@ -125,17 +125,25 @@ HOST_DEVICE void normal_cdf_pdf(A x, A& cdf, A& pdf) {
 #endif
 }
 
-// For gelu_tanh: s = sigmoid(2u) and 1 - s = e s with e = exp(-2u). e is capped (exp_f32 clamps
-// at exp(88); the device/double exp is capped here) so that e * s stays finite for very negative
-// u, where s underflows: then 1 - s = e s ~ 1, as it should be.
+// For gelu_tanh: s = sigmoid(2u) and 1 - s = e s with e = exp(-2u), u from x clamped to
+// [-20, 20]: beyond, s is 0 or 1 to every digit, and x^3 would overflow (then inf * 0 = NaN).
+// e is capped (exp_f32 clamps at exp(88); the device/double exp is capped here) so that it stays
+// finite; where it reaches the cap, s (below 1e-37) is set to its true value's rounding, 0, and
+// 1 - s to 1. Without that, GeLU(-3e38) was -3e38 / 1e37 = -30.
+template <typename A>
+HOST_DEVICE A clamp_to_gelu_range(A x) {
+  return math::choose<A>(x < A(-20), A(-20), math::choose<A>(x > A(20), A(20), x));  // NaN stays NaN
+}
+
 template <typename A>
 HOST_DEVICE void tanh_gate(A x, A& s, A& one_minus_s) {
-  const A u2 = A(2 * kTanhScale) * (x + A(kTanhCubic) * x * x * x);  // 2u
-  A e = math::exp_of<A>(-u2);
+  const A xc = clamp_to_gelu_range(x);
+  const A u2 = A(2 * kTanhScale) * (xc + A(kTanhCubic) * xc * xc * xc);  // 2u
+  const A e = math::exp_of<A>(-u2);
   const A cap = sizeof(A) == 4 ? A(1e37) : A(1e300);
-  e = math::choose<A>(e < cap, e, cap);  // NaN stays NaN (the comparison is false)
-  s = A(1) / (A(1) + e);
-  one_minus_s = e * s;
+  const bool finite_gate = e < cap;  // false for NaN too: x itself then carries the NaN
+  s = math::choose<A>(finite_gate, A(1) / (A(1) + e), A(0));
+  one_minus_s = math::choose<A>(finite_gate, e * s, A(1));
 }
 
 }  // namespace activation_math
@@ -170,7 +178,8 @@ HOST_DEVICE A activation_grad(A x) {
     activation_math::tanh_gate(x, s, one_minus_s);
     const A c = A(activation_math::kTanhScale);
     const A a3 = A(3 * activation_math::kTanhCubic);
-    return s + A(2) * x * s * one_minus_s * c * (A(1) + a3 * x * x);
+    const A xc = activation_math::clamp_to_gelu_range(x);  // the second term is 0 past |x| = 20
+    return s + A(2) * xc * s * one_minus_s * c * (A(1) + a3 * xc * xc);
   } else if constexpr (kAct == Activation::kRelu) {
     return math::choose<A>(x > A(0), A(1), A(0));
   } else {
