@@ -28,7 +28,7 @@ logger = logging.getLogger("engine")
 BUILD_MINUTES = {"cpu": 2.5, "cuda": 8}
 
 # Compute capabilities built with their arch-specific features (the "a" of sm_90a). Only the
-# wgmma path of csrc/cuda/attention.cu uses such features (it is compiled only where
+# wgmma path of csrc/cuda/{forward,backward}_attention.cu uses such features (it is compiled only where
 # __CUDA_ARCH_FEAT_SM90_ALL is defined); sm_90a code runs on capability 9.0 alone, which is
 # exactly what it is built for here.
 ARCH_SPECIFIC = {(9, 0)}

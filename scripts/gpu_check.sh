@@ -28,7 +28,7 @@
 # failed.
 #
 # Compiles launched, and the time they should take on one H200 host (16 cores). Per-compile costs
-# come from this project's 2-core development VMs: nvcc took 123 s for csrc/cuda/attention.cu
+# come from this project's 2-core development VMs: nvcc took 123 s for csrc/cuda/attention.cu (since split into forward_attention.cu and backward_attention.cu)
 # (sm_90, on a VM with load average ~10), 46 s for linear.cu, 9 s for layer_norm.cu; Triton
 # compiled the readiness table's reports at ~0.4 core-seconds each (660 core-s for ~1700).
 #   build      engine_cuda: 10 compile jobs (4 bindings .cpp, 3 csrc/cpu .cpp, 3 csrc/cuda .cu, for

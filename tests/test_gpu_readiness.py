@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 # contains one of these must use tensor cores (HMMA on sm80, HGMMA = wgmma on sm90). Triton cases
 # say so themselves with GpuCompileCase(expects_tensor_cores=True).
 CUDA_EXPECTS_TENSOR_CORES: set[str] = {
-    # csrc/cuda/attention.cu: the fp16/bf16 tile kernels (mma.sync on sm80, wgmma on sm90a)
+    # csrc/cuda/{forward,backward}_attention.cu: the fp16/bf16 tile kernels (mma.sync on sm80, wgmma on sm90a)
     f"attention.cu:engine::cuda::attention_detail::{kernel}<engine::{dtype},"
     for kernel in ("attention_forward_kernel", "attention_dkdv_kernel", "attention_dq_kernel")
     for dtype in ("half", "bfloat16")

@@ -1,7 +1,7 @@
 """Softmax attention (flash-style) and attention against a KV cache, as autograd ops.
 
 Where each piece lives:
-    kernels          kernels/attention.py (Triton), csrc/cpu/attention.cpp, csrc/cuda/attention.cu
+    kernels          kernels/attention.py (Triton), csrc/cpu/attention_*.cpp, csrc/cuda/*_attention.cu
     implementations  registered below for the reference, triton, cpu and cuda backends
     autograd         the custom ops engine::attention / attention_backward / attention_decode
     public API       engine.functional.scaled_dot_product_attention, attention_with_kv_cache
