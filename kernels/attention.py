@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import compat
 from engine.kernels.common import INTERPRET, GpuCompileCase, next_power_of_2
 from engine.ops.common import dtype_reason
 
@@ -1070,6 +1071,8 @@ def supports_decode(args) -> list[str]:
     device."""
     q = args.q
     reasons = _common_limits(q, args.k_cache, args.v_cache, args.mask)
+    if q.dtype == torch.float64 and q.device.type != "cpu" and not compat.FP64_DECODE_ON_GPUS:
+        reasons.append(f"triton {triton.__version__} cannot compile fp64 decode for GPUs (kernels/compat.py)")
     if args.cache_seqlens.device != q.device:
         reasons.append(f"cache_seqlens is on {args.cache_seqlens.device}, not {q.device}")
     if args.cache_seqlens.dtype not in (torch.int32, torch.int64):
@@ -1171,7 +1174,8 @@ def _decode_compile_cases() -> list[GpuCompileCase]:
     so the products use mma, not sm90's 64-row wgmma (decode is bound by reading the cache)."""
     cases = []
     s_max, hk = 4096, 8
-    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    dtypes = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if compat.FP64_DECODE_ON_GPUS else ())
+    for dtype in dtypes:
         acc_dtype, acc_tl, dot_ieee, fp64 = _acc_types(dtype)
         dname = _dtype_name(dtype)
         for d in ((64, 80, 128, 256) if dtype != torch.float64 else (64,)):

@@ -16,6 +16,14 @@ def triton_version() -> tuple[int, int]:
     return int(major), int(minor)
 
 
+# fp64 decode attention on NVIDIA GPUs: triton 3.6's MMAv2 lowering aborts the whole process
+# (an assertion, "Currently fp64 don't support largeK MMA") compiling the decode split kernel's fp64
+# tl.dot for sm80/sm90; 3.9 compiles it (python -m engine.readiness). 3.7 and 3.8 were not
+# checked, so they are treated as 3.6: the triton backend leaves fp64 decode on GPUs to the
+# others (the reference serves it) and readiness does not compile that case.
+FP64_DECODE_ON_GPUS = triton_version() >= (3, 9)
+
+
 def _scalar_index(self):
     return int(self.handle.data.item())  # .item(): a one-element array of any ndim
 
