@@ -107,8 +107,9 @@ def choice(name: str, value, choices: Sequence) -> None:
 def ids_in_range(name: str, ids: Tensor, limit: int, what: str) -> None:
     """Every id in [0, limit): an embedding lookup past the table is a ValueError naming the
     argument and the offending value, not torch's bare IndexError (or a device-side assert on a
-    GPU). One reduction and one sync per call."""
-    if ids.numel() == 0:
+    GPU). One reduction and one sync per call; skipped while torch.compile traces, where the ids'
+    values are not known (a graph cannot branch on them)."""
+    if ids.numel() == 0 or torch.compiler.is_compiling():
         return
     low, high = (int(v) for v in torch.aminmax(ids))
     if low < 0 or high >= limit:
