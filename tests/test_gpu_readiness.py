@@ -134,3 +134,15 @@ def test_run_with_no_reports_fails(monkeypatch, capfd):
     assert readiness.main(["--json"]) == 1
     out, err = capfd.readouterr()
     assert json.loads(out) == [] and "no kernels found" in err
+
+
+def test_fail_on_errors_passes_spills_and_fails_compile_errors(monkeypatch, capfd):
+    spilling = readiness.KernelReport("toy spill", "w4", "sm80", registers=255, shared_bytes=0, spill_bytes=8,
+                                      local_bytes=8, uses_mma=False, uses_wgmma=None)
+    broken = readiness.KernelReport("toy error", "w4", "sm80", error="ptxas: error: broken on purpose")
+    monkeypatch.setattr(readiness, "run_all", lambda name_filter=None: [spilling])
+    assert readiness.main([]) == 1                           # by default a spill is a problem
+    assert readiness.main(["--fail-on", "errors"]) == 0      # the table still shows it
+    assert "spills 8 B" in capfd.readouterr().out
+    monkeypatch.setattr(readiness, "run_all", lambda name_filter=None: [spilling, broken])
+    assert readiness.main(["--fail-on", "errors"]) == 1
