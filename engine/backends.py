@@ -251,13 +251,12 @@ _logged_fallbacks: set = set()
 def _log_fallback_once(op: str, candidate: str, reason: str) -> bool:
     """One warning per (op, backend) that refused a call, and one per backend that is unavailable
     altogether (a failed build would otherwise be reported once for every op)."""
-    unavailable = not _status_constant(candidate).available
-    key = candidate if unavailable else (op, candidate)
+    state = _status_constant(candidate)
+    key = candidate if not state.available else (op, candidate)
     if key not in _logged_fallbacks and candidate != "reference":
         _logged_fallbacks.add(key)
-        if unavailable:
-            logger.warning("engine: the %s backend is unavailable, its ops fall back: %s", candidate,
-                           _status_constant(candidate).reason)
+        if not state.available:
+            logger.warning("engine: the %s backend is unavailable, its ops fall back: %s", candidate, state.reason)
         else:
             logger.warning("engine: %s falls back from the %s backend: %s", op, candidate, reason)
     return True

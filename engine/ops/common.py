@@ -23,9 +23,7 @@ import torch
 from torch import Tensor
 
 from engine import backends
-
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
+from engine._validate import FLOAT_DTYPES
 
 def draw_seed() -> int:
     """A 62-bit dropout seed from torch's default generator, so torch.manual_seed reproduces it."""
