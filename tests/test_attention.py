@@ -306,7 +306,10 @@ def test_gradcheck_float64(case, backend, device):
         pytest.skip(f"{backend} does not take float64: {reason}")
     fn = lambda q, k, v: EF.scaled_dot_product_attention(  # noqa: E731
         q, k, v, mask, is_causal=case.causal, scale=0.5, enable_gqa=True, backend=backend)
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5)
+    # fast_mode compares the analytical and numerical Jacobian along random directions instead of
+    # column by column: the same check of the gradients (a wrong one still fails), at a tenth of
+    # the forward calls; the full Jacobian of the masked case took 103 s in the Triton interpreter.
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def backends_reason(backend, args):

@@ -1,11 +1,14 @@
-"""GPT under torch.distributed on CPU: two processes (torch.multiprocessing spawn, gloo, a free
-local port) each take half of a global batch; after one forward + backward the gradients equal
+"""GPT under torch.distributed on CPU: two processes (torch.multiprocessing spawn, gloo on the
+loopback interface, a free local port) each take half of a global batch; after one forward + backward the gradients equal
 those of one process on the whole batch. Once wrapped in DDP, once sharded with FSDP2
 (torch.distributed.fsdp.fully_shard: each block, then the root; gradients are DTensor shards,
 gathered with full_tensor()). Both wrappers then take one optimizer step, and the parameters
 must equal the single-process step's."""
+import datetime
+import faulthandler
 import os
 import socket
+import time
 import warnings
 
 import pytest
@@ -16,6 +19,13 @@ import torch.multiprocessing as mp
 from common import TINY_GPT_CONFIG, tiny_gpt
 
 WORLD = 2
+# A hang must fail this test, not eat the CI run (a CI run was once stopped at 90 minutes inside
+# this test, its cause unseen): gloo waits at most GLOO_TIMEOUT (its default is 30 minutes), a
+# worker still running at STACK_DUMP_S prints its stack to stderr, and the workers are killed and
+# the test fails at DEADLINE_S. A pass takes about 6 s here.
+GLOO_TIMEOUT = datetime.timedelta(seconds=120)
+STACK_DUMP_S = 170
+DEADLINE_S = 180
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available in this build")
@@ -50,8 +60,20 @@ def loss_of(model, ids, targets, mask, total_targets):
                                              ignore_index=-100, reduction="sum") / total_targets
 
 
+def loopback_interface() -> str | None:
+    names = [name for _, name in socket.if_nameindex()]
+    return "lo" if "lo" in names else None
+
+
 def _worker(rank: int, port: int, kind: str, out_path: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    faulthandler.dump_traceback_later(STACK_DUMP_S)
+    # Both ranks are on this machine: name the loopback interface. Without one, gloo uses the
+    # address the hostname resolves to, which some machines do not route back to themselves.
+    interface = loopback_interface()
+    if interface:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+                            timeout=GLOO_TIMEOUT)
     try:
         model = tiny_gpt()
         ids, targets, mask = global_batch()
@@ -102,7 +124,14 @@ def single_process_reference():
 
 def run_two_processes(kind: str, tmp_path) -> dict:
     out = os.path.join(tmp_path, f"{kind}.pt")
-    mp.spawn(_worker, args=(free_port(), kind, out), nprocs=WORLD, join=True)
+    workers = mp.spawn(_worker, args=(free_port(), kind, out), nprocs=WORLD, join=False)
+    deadline = time.monotonic() + DEADLINE_S
+    while not workers.join(timeout=1):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in workers.processes:
+                process.kill()
+            pytest.fail(f"{kind}: the {WORLD} worker processes were still running after {DEADLINE_S} s "
+                        f"(their stacks are printed above, on stderr); killed")
     return torch.load(out, weights_only=True)
 
 
