@@ -357,12 +357,14 @@ def _bad_calls():
 @pytest.mark.parametrize("q_shape,kv_shape", [((2, 3, 5, 0), (2, 3, 7, 0)), ((2, 0, 5, 8), (2, 0, 7, 8))],
                          ids=["head-dim-0", "heads-0"])
 def test_zero_head_dim_or_zero_heads_give_torchs_empty_result(q_shape, kv_shape):
+    # torch's result is an empty [B, H, Sq, Dv]; it is not called here because torch 2.11's CPU
+    # kernel dies of SIGFPE with zero heads (2.13 returns the empty tensor).
     q, k = torch.randn(q_shape), torch.randn(kv_shape)
-    expected = F.scaled_dot_product_attention(q, k, k)
+    expected = (*q_shape[:-1], kv_shape[-1])
     out = EF.scaled_dot_product_attention(q, k, k)
-    assert out.shape == expected.shape
+    assert out.shape == expected and out.dtype == q.dtype
     lengths = torch.full((q_shape[0],), kv_shape[2], dtype=torch.int32)
-    assert EF.attention_with_kv_cache(q, k, k, lengths).shape == expected.shape
+    assert EF.attention_with_kv_cache(q, k, k, lengths).shape == expected
 
 
 def test_query_heads_without_key_heads_is_an_error():

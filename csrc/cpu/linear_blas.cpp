@@ -14,6 +14,7 @@
 #include "cpu/linear_blas.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -108,12 +109,18 @@ Tiles plan_tiles(int64_t m, int64_t n, int64_t k, int threads) {
 
 // Runs body(thread) in an OpenMP parallel region; an exception thrown on any thread (a failed
 // at::mm_out, say) is rethrown on the caller's thread instead of terminating the process.
+// The bodies call ATen ops, which read thread-local state: each worker takes the caller's (as
+// at::parallel_for does). Without it a worker runs outside the caller's torch.inference_mode()
+// and refuses to write into its inference tensors ("Inplace update to inference tensor outside
+// InferenceMode").
 template <typename Body>
 void parallel_region(int threads, Body&& body) {
   std::exception_ptr error;
+  const at::ThreadLocalState caller_state;
 #pragma omp parallel num_threads(threads)
   {
     try {
+      at::ThreadLocalStateGuard state_guard(caller_state);
       body(omp_get_thread_num());
     } catch (...) {
 #pragma omp critical(engine_linear_error)
@@ -159,8 +166,8 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   const Tiles tiles = plan_tiles(m, n, k, at::get_num_threads());
   const bool bf16 = std::is_same_v<T, bfloat16>;
   const bool fp16 = std::is_same_v<T, half>;
-  // Operands of the GEMMs (detached: worker threads run with grad mode on, and out= ops refuse
-  // inputs that require grad).
+  // Operands of the GEMMs (detached: out= ops refuse inputs that require grad, and the caller's
+  // grad mode, which the workers take, may be on).
   const at::Tensor x_gemm = fp16 ? x.detach().to(at::kFloat) : x.detach();
   const at::Tensor w_gemm = fp16 ? weight.detach().to(at::kFloat) : weight.detach();
   const at::Tensor bias_gemm = bias.defined() ? bias.detach() : bias;
