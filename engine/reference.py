@@ -182,6 +182,34 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: 
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
+def attention_mask_gradient(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask: Tensor,
+                            causal: bool, scale: float, dropout_p: float = 0.0,
+                            dropout_keep: Optional[Tensor] = None) -> Tensor:
+    """The gradient of a float mask (added to the scores), dS = P * (dP - D), for every backend:
+    P recomputed from the forward's lse, dP = (dO V^T) * Z, and D = rowsum(P * dP), which equals
+    rowsum(dO * O) but keeps the accumulator's precision instead of the output's rounding. One
+    batch element at a time ([Hq, Sq, Sk] in the accumulator dtype). mask [B, Hq, Sq, Sk] (a
+    broadcast view is fine); returns [B, Hq, Sq, Sk] in mask's dtype, which autograd then sums over
+    the dims the user's mask was broadcast along."""
+    acc = accumulator_dtype(q.dtype)
+    b, hq, sq, _ = q.shape
+    sk = k.shape[2]
+    group = hq // k.shape[1] if k.shape[1] else 1
+    grad = torch.empty(b, hq, sq, sk, dtype=mask.dtype, device=q.device)
+    for i in range(b):
+        kq = k[i].to(acc).repeat_interleave(group, dim=0)
+        vq = v[i].to(acc).repeat_interleave(group, dim=0)
+        row_lse = lse[i].to(acc).unsqueeze(-1)
+        visible = torch.isfinite(row_lse)
+        scores = (q[i].to(acc) @ kq.transpose(-1, -2)) * scale + _mask_bias(mask[i], causal, sq, sk, acc, q.device)
+        probs = torch.where(visible, torch.exp(scores - torch.where(visible, row_lse, 0.0)), 0.0)
+        dp = grad_out[i].to(acc) @ vq.transpose(-1, -2)
+        if dropout_keep is not None:
+            dp = dp * dropout_keep[i].to(acc) / (1.0 - dropout_p)
+        grad[i] = probs * (dp - (probs * dp).sum(-1, keepdim=True))
+    return grad
+
+
 def _mask_bias(mask: Optional[Tensor], causal: bool, sq: int, sk: int, dtype, device) -> Tensor:
     """The additive form of mask and causality: 0 where visible, -inf (or the float mask) else."""
     bias = torch.zeros(sq, sk, dtype=dtype, device=device)

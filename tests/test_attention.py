@@ -218,6 +218,50 @@ def test_dropout_mask_fraction_determinism_and_gradients(backend, device):
         torch.testing.assert_close(actual.double(), exp, atol=1e-4, rtol=1e-4)
 
 
+# A learned float mask (T5's relative positions, ALiBi variants): its gradient, in each broadcast form
+LEARNED_MASK_SHAPES = {"BHQK": (2, 4, 6, 5), "1H1K": (1, 4, 1, 5), "B1Q1": (2, 1, 6, 1), "QK": (6, 5)}
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("mask_shape", list(LEARNED_MASK_SHAPES.values()), ids=list(LEARNED_MASK_SHAPES))
+def test_float_mask_gets_torchs_gradient(mask_shape, causal, backend, device):
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 6, 8, generator=g).to(device).requires_grad_()
+    k = torch.randn(2, 2, 5, 8, generator=g).to(device).requires_grad_()
+    v = torch.randn(2, 2, 5, 3, generator=g).to(device).requires_grad_()
+    bias = torch.randn(mask_shape, generator=g).to(device).requires_grad_()
+    grad_out = torch.randn(2, 4, 6, 3, generator=g).to(device)
+    out = EF.scaled_dot_product_attention(q, k, v, bias, is_causal=causal, enable_gqa=True, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v, bias), grad_out)
+    # torch takes no mask together with is_causal: causality as a large negative bias instead
+    causal_bias = torch.ones(6, 5, dtype=torch.bool, device=device).triu(1) * -1e4 if causal else 0.0
+    expected_out = F.scaled_dot_product_attention(q, k, v, bias + causal_bias, enable_gqa=True)
+    expected = torch.autograd.grad(expected_out, (q, k, v, bias), grad_out)
+    for name, actual, want in zip(("dq", "dk", "dv", "d_mask"), grads, expected):
+        assert actual.shape == want.shape, name
+        torch.testing.assert_close(actual, want, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_float_mask_gradient_with_dropout(backend, device):
+    """With dropout, the mask's gradient goes through the same kept probabilities as the output's."""
+    skip_unless_runs(backend, device)
+    p = 0.3
+    q, k, v, _, g = make_inputs(Case(hq=4, hk=2, sq=24, sk=20, d=16), device)
+    bias = torch.randn(1, 4, 24, 20, generator=g).to(device).requires_grad_()
+    torch.manual_seed(7)
+    out, _, keep = attention_op.attention(q, k, v, bias, False, 0.25, p, backend, return_dropout_mask=True)
+    grad_out = torch.randn(out.shape, generator=g).to(out)
+    d_bias, = torch.autograd.grad(out, bias, grad_out)
+    bias64 = bias.detach().double().requires_grad_()
+    out64, _ = reference.attention(q.double(), k.double(), v.double(), bias64, False, 0.25, p, keep)
+    expected, = torch.autograd.grad(out64, bias64, grad_out.double())
+    assert d_bias.shape == bias.shape
+    torch.testing.assert_close(d_bias.double(), expected, atol=1e-5, rtol=1e-4)
+
+
 def test_dropout_through_the_public_function_is_seeded_by_torch():
     q, k, v, _, _ = make_inputs(Case(sq=30), "cpu")
     torch.manual_seed(1)
@@ -304,12 +348,14 @@ def test_gradcheck_float64(case, backend, device):
     reason = backends_reason(backend, args)
     if reason:
         pytest.skip(f"{backend} does not take float64: {reason}")
-    fn = lambda q, k, v: EF.scaled_dot_product_attention(  # noqa: E731
+    if mask is not None and mask.is_floating_point():
+        mask.requires_grad_()  # a learned bias: its gradient is checked too
+    fn = lambda q, k, v, mask: EF.scaled_dot_product_attention(  # noqa: E731
         q, k, v, mask, is_causal=case.causal, scale=0.5, enable_gqa=True, backend=backend)
     # fast_mode compares the analytical and numerical Jacobian along random directions instead of
     # column by column: the same check of the gradients (a wrong one still fails), at a tenth of
     # the forward calls; the full Jacobian of the masked case took 103 s in the Triton interpreter.
-    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
+    assert torch.autograd.gradcheck(fn, (q, k, v, mask), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def backends_reason(backend, args):

@@ -12,6 +12,9 @@ Every implementation of "attention" takes the same arguments (validated and laid
         -> (out, lse, dropout_mask)
     backward(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed)
         -> (dq, dk, dv)
+    (A float mask that requires grad gets its gradient from engine.reference.attention_mask_gradient
+    for every backend: dS from the saved lse, materialized one batch element at a time. The
+    kernels' backward passes keep dS on chip, as FlashAttention's do.)
     q [B, Hq, Sq, D], k [B, Hk, Sk, D], v [B, Hk, Sk, Dv]: any strides, unit stride in the last
         dim. Hq is a multiple of Hk: query head h reads key/value head h // (Hq // Hk) (GQA/MQA).
     mask: None, or a [B, Hq, Sq, Sk] view whose broadcast dims have stride 0 (never expanded in
@@ -162,9 +165,15 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], 
 
 def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                         mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: Tensor,
-                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return tuple(backends.implementation(OP, backend).backward(
-        grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, int(seed.item())))
+                        mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dq, dk, dv, d_mask); d_mask is empty unless mask_grad."""
+    seed = int(seed.item())
+    dq, dk, dv = backends.implementation(OP, backend).backward(
+        grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed)
+    if not mask_grad:
+        return dq, dk, dv, q.new_empty(0)
+    keep = _reference_keep(seed, dropout_p, q, k)
+    return dq, dk, dv, reference.attention_mask_gradient(grad_out, q, k, v, lse, mask, causal, scale, dropout_p, keep)
 
 
 def _attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
@@ -187,10 +196,11 @@ def _attention_fake(q, k, v, mask, causal, scale, dropout_p, return_dropout_mask
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, backend):
+def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, mask_grad, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format))
+            torch.empty_like(v, memory_format=torch.contiguous_format),
+            mask.new_empty(mask.shape) if mask_grad else q.new_empty(0))
 
 
 @_attention_decode_op.register_fake
@@ -211,9 +221,10 @@ def _backward_through(attention_backward):
     """The autograd backward, calling `attention_backward` (the custom op, or its function)."""
     def backward(ctx, grad_out, grad_lse, grad_seed, grad_keep):
         q, k, v, out, lse, mask, seed = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out.contiguous(), q, k, v, out, lse, mask, ctx.causal, ctx.scale,
-                                        ctx.dropout_p, seed, ctx.backend)
-        return dq, dk, dv, None, None, None, None, None, None
+        mask_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, d_mask = attention_backward(grad_out.contiguous(), q, k, v, out, lse, mask, ctx.causal,
+                                                ctx.scale, ctx.dropout_p, seed, mask_grad, ctx.backend)
+        return dq, dk, dv, (d_mask if mask_grad else None), None, None, None, None, None
     return backward
 
 
@@ -235,7 +246,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
     args = AttentionArgs(q, k, v, mask, bool(causal), float(scale), float(dropout_p), bool(return_dropout_mask))
     chosen = backends.select(OP, q.device, args, backend)
     out, lse, _, keep = common.run(_attention_op, _AttentionEager, _attention_forward, (*args, chosen),
-                                   common.needs_grad(q, k, v))
+                                   common.needs_grad(q, k, v, mask))
     return out, lse, (keep if return_dropout_mask and dropout_p > 0 else None)
 
 
