@@ -6,7 +6,14 @@ example) with int(array). NumPy 2.4 made int() of an array with ndim > 0 a TypeE
 0-dimensional arrays can be converted to Python scalars"), so every loop bounded by a runtime
 value failed under 3.6 with NumPy >= 2.4. Triton fixed it after 3.6 (triton-lang/triton#9172;
 3.8 and 3.9 have the fix); `patch_interpreter` applies the same conversion to 3.6.
+
+Interpreter launches from several threads (every release): the interpreter keeps the running
+launch's grid and its patched language functions in process-wide state, so two threads launching
+at once corrupt each other ("ValueError: y >= grid_dim[1]", found by tests/test_concurrency.py).
+`patch_interpreter` makes launches take turns. On a GPU, launches are thread-safe and unaffected.
 """
+import threading
+
 import triton
 
 
@@ -28,9 +35,28 @@ def _scalar_index(self):
     return int(self.handle.data.item())  # .item(): a one-element array of any ndim
 
 
+_INTERPRETER_LAUNCH = threading.Lock()
+
+
+def _serialize_launches() -> None:
+    from triton.runtime import interpreter
+    original = interpreter.GridExecutor.__call__
+    if getattr(original, "engine_compat", False):
+        return  # already patched in this process
+
+    def launch_alone(self, *args, **kwargs):
+        with _INTERPRETER_LAUNCH:
+            return original(self, *args, **kwargs)
+
+    launch_alone.engine_compat = True
+    interpreter.GridExecutor.__call__ = launch_alone
+
+
 def patch_interpreter() -> None:
-    """Make the Triton interpreter convert scalars to ints with any NumPy; a no-op on Triton
-    releases that do it themselves. Call it before a kernel runs in the interpreter."""
+    """Make Triton interpreter launches take turns between threads, and convert scalars to ints
+    with any NumPy (a no-op on Triton releases that do it themselves). Call it before a kernel
+    runs in the interpreter."""
+    _serialize_launches()
     if triton_version() >= (3, 7):
         return
     from triton.runtime import interpreter
