@@ -259,6 +259,4 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     mask = None if mask is None else mask.expand(b, h, sq, k_cache.shape[2])
     args = DecodeArgs(q, k_cache, v_cache, cache_seqlens.to(torch.int32), mask, float(scale))
     chosen = backends.select(DECODE_OP, q.device, args, backend)
-    if torch.compiler.is_compiling():
-        return _attention_decode_op(*args, chosen)
-    return _attention_decode(*args, chosen)
+    return common.run(_attention_decode_op, None, _attention_decode, (*args, chosen), record_grad=False)

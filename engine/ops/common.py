@@ -85,9 +85,10 @@ def eager_op(forward: Callable, setup_context: Callable, backward: Callable) -> 
     return EagerOp
 
 
-def run(custom_op, eager: type, forward: Callable, inputs: tuple, record_grad: bool):
+def run(custom_op, eager: Optional[type], forward: Callable, inputs: tuple, record_grad: bool):
     """Calls one op direction: the custom op while torch.compile traces, the eager
-    autograd.Function when autograd must record the call, else the forward function itself."""
+    autograd.Function when autograd must record the call, else the forward function itself.
+    (An op without autograd, such as the decode step, passes eager=None and record_grad=False.)"""
     if torch.compiler.is_compiling():
         return custom_op(*inputs)
     if record_grad:
