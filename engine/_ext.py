@@ -9,6 +9,7 @@ unchanged tree loads the cached build (~0.1 s) and a change rebuilds what it aff
 takes minutes (BUILD_MINUTES), so it is announced on the `engine` logger first. The cache lives
 in TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions).
 """
+import contextlib
 import functools
 import glob
 import hashlib
@@ -156,20 +157,21 @@ def load(kind: str = "cpu"):
     identity = build_identity(kind, (cflags, cuda_cflags, ldflags, torch.__version__, torch.__file__,
                                      sys.version, cpp_extension.CUDA_HOME if kind == "cuda" else None,
                                      os.environ.get("CXX")))
-    if not is_built(build_dir, name, identity):
-        logger.warning("engine: building %s (first use, or csrc/ changed): about %s minutes on 2 "
-                       "cores; cached in %s", what, BUILD_MINUTES[kind], build_dir)
     try:
-        module = cpp_extension.load(
-            name=name,
-            sources=sources(kind),
-            extra_include_paths=[CSRC],
-            extra_cflags=cflags,
-            extra_cuda_cflags=cuda_cflags,
-            extra_ldflags=ldflags,
-            build_directory=build_dir,
-            verbose=False,
-        )
+        with _one_build_at_a_time(build_dir):
+            if not is_built(build_dir, name, identity):
+                logger.warning("engine: building %s (first use, or csrc/ changed): about %s minutes on 2 "
+                               "cores; cached in %s", what, BUILD_MINUTES[kind], build_dir)
+            module = cpp_extension.load(
+                name=name,
+                sources=sources(kind),
+                extra_include_paths=[CSRC],
+                extra_cflags=cflags,
+                extra_cuda_cflags=cuda_cflags,
+                extra_ldflags=ldflags,
+                build_directory=build_dir,
+                verbose=False,
+            )
     except Exception as error:  # compiler errors arrive as RuntimeError/CalledProcessError/OSError
         message = str(error)
         output = getattr(error, "output", None)
@@ -179,6 +181,30 @@ def load(kind: str = "cpu"):
                          f"(full compiler log: {_write_log(build_dir, message)})") from error
     record_build(build_dir, identity)
     return module
+
+
+@contextlib.contextmanager
+def _one_build_at_a_time(build_dir: str):
+    """Holds an flock on build_dir/engine_build.flock around torch's load. torch's own lock, a file
+    named "lock" that the building process creates and deletes, outlives a build that was killed
+    (Ctrl-C during the first build): every later load, cached or not, then waits on it forever
+    without a word (seen: a build check sat 25 minutes on one). The kernel releases an flock when
+    its holder dies, so a "lock" file found while this one is held was left by a dead engine build
+    and is removed."""
+    import fcntl
+
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "engine_build.flock"), "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(build_dir, "lock")
+            if os.path.exists(stale):
+                logger.warning("engine: removing %s, the lock of a build of %s that was stopped before "
+                               "it finished", stale, os.path.basename(build_dir))
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def _first_errors(log: str, count: int = 3) -> str:

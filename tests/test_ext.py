@@ -166,3 +166,20 @@ def test_cached_cpu_extension_loads_silently():
                             timeout=300)
     assert second.returncode == 0, second.stderr
     assert "building" not in second.stderr, second.stderr
+
+
+def test_a_lock_left_by_a_killed_build_is_removed():
+    # torch's build lock ("lock" in the build folder) stays behind when a build is killed, and
+    # torch then waits on it forever, even for a cached build. Plant one and load in a fresh process.
+    code = "import logging, engine._ext as e; logging.basicConfig(); e.load('cpu')"
+    built = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert built.returncode == 0, built.stderr
+    stale = os.path.join(cpp_extension._get_build_directory("engine_cpu", verbose=False), "lock")
+    open(stale, "w").close()
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    finally:
+        if os.path.exists(stale):
+            os.remove(stale)
+    assert done.returncode == 0, done.stderr
+    assert "the lock of a build of engine_cpu that was stopped" in done.stderr, done.stderr
