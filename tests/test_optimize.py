@@ -254,6 +254,14 @@ def test_bert_model_leaves_what_it_cannot_serve():
     torch.testing.assert_close(got.pooler_output, expected.pooler_output, atol=ATOL, rtol=1e-4)
 
 
+def _cache_of(output) -> dict:
+    """The keyword that hands a model output's cache to the next call: `cache` in transformers'
+    newer releases (5.24 here), `past_key_values` in older ones (5.17, the GPU image's)."""
+    if hasattr(output, "cache"):
+        return {"cache": output.cache}
+    return {"past_key_values": output.past_key_values}
+
+
 def test_gpt2_cross_attention_and_its_cache():
     """GPT-2 with cross-attention (add_cross_attention): the swapped cross-attention attends the
     encoder states under their padding mask, and on the next step reuses the keys/values it
@@ -276,7 +284,7 @@ def test_gpt2_cross_attention_and_its_cache():
             first = m(input_ids=ids, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
                       use_cache=True)
             second = m(input_ids=step, encoder_hidden_states=encoder_states, encoder_attention_mask=encoder_mask,
-                       cache=first.cache, use_cache=True)
+                       **_cache_of(first), use_cache=True)
             outputs.append((first.logits, second.logits))
     for got, expected in zip(*outputs):
         torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-4)
