@@ -110,6 +110,28 @@ def test_fullgraph_with_dropout_in_training_mode():
     assert torch.isfinite(loss) and all(torch.isfinite(g).all() for g in grads.values())
 
 
+def test_fullgraph_learned_mask_gradient_with_dropout():
+    """A float mask that requires grad gets the same gradient compiled as eager (its own custom op
+    in the backward graph), with dropout's seed drawn inside the forward op."""
+    import engine.functional as EF
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 6, 8, generator=g).requires_grad_() for h in (4, 2, 2))
+    bias = torch.randn(1, 4, 6, 6, generator=g).requires_grad_()
+
+    def loss(q, k, v, bias):
+        return EF.scaled_dot_product_attention(q, k, v, bias, dropout_p=0.2, enable_gqa=True).square().sum()
+
+    torch.manual_seed(3)
+    expected = torch.autograd.grad(loss(q, k, v, bias), (q, k, v, bias))
+    torch.manual_seed(3)
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(q, k, v, bias), (q, k, v, bias))
+    for name, a, e in zip(("dq", "dk", "dv", "d_mask"), got, expected):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6, msg=name)
+    assert expected[3].abs().sum() > 0
+
+
 def test_fullgraph_on_the_triton_backend():
     """Under TRITON_INTERPRET=1 (the test suite sets it without a GPU) the Triton kernels run on
     CPU tensors; the compiled model calls them through the same custom ops."""

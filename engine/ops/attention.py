@@ -165,15 +165,19 @@ def _attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], 
 
 def _attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                         mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: Tensor,
-                        mask_grad: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dq, dk, dv, d_mask); d_mask is empty unless mask_grad."""
-    seed = int(seed.item())
-    dq, dk, dv = backends.implementation(OP, backend).backward(
-        grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed)
-    if not mask_grad:
-        return dq, dk, dv, q.new_empty(0)
-    keep = _reference_keep(seed, dropout_p, q, k)
-    return dq, dk, dv, reference.attention_mask_gradient(grad_out, q, k, v, lse, mask, causal, scale, dropout_p, keep)
+                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(backends.implementation(OP, backend).backward(
+        grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, int(seed.item())))
+
+
+def _attention_mask_gradient(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask: Tensor,
+                             causal: bool, scale: float, dropout_p: float, seed: Tensor) -> Tensor:
+    """The gradient of a float mask that requires grad, the same for every backend (see the
+    module docstring). An op of its own rather than a fourth output of attention_backward: the
+    compiled graphs torch caches on disk hold each op's argument list, and a changed schema of an
+    existing op broke them ("Expected a value of type 'bool' for argument ...")."""
+    keep = _reference_keep(int(seed.item()), dropout_p, q, k)
+    return reference.attention_mask_gradient(grad_out, q, k, v, lse, mask, causal, scale, dropout_p, keep)
 
 
 def _attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
@@ -183,6 +187,8 @@ def _attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens
 
 _attention_op = torch.library.custom_op("engine::attention", _attention_forward, mutates_args=())
 _attention_backward_op = torch.library.custom_op("engine::attention_backward", _attention_backward, mutates_args=())
+_attention_mask_gradient_op = torch.library.custom_op("engine::attention_mask_gradient", _attention_mask_gradient,
+                                                      mutates_args=())
 _attention_decode_op = torch.library.custom_op("engine::attention_decode", _attention_decode, mutates_args=())
 
 
@@ -196,11 +202,15 @@ def _attention_fake(q, k, v, mask, causal, scale, dropout_p, return_dropout_mask
 
 
 @_attention_backward_op.register_fake
-def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, mask_grad, backend):
+def _attention_backward_fake(grad_out, q, k, v, out, lse, mask, causal, scale, dropout_p, seed, backend):
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format),
-            torch.empty_like(v, memory_format=torch.contiguous_format),
-            mask.new_empty(mask.shape) if mask_grad else q.new_empty(0))
+            torch.empty_like(v, memory_format=torch.contiguous_format))
+
+
+@_attention_mask_gradient_op.register_fake
+def _attention_mask_gradient_fake(grad_out, q, k, v, lse, mask, causal, scale, dropout_p, seed):
+    return mask.new_empty(mask.shape)
 
 
 @_attention_decode_op.register_fake
@@ -217,20 +227,26 @@ def _setup_context(ctx, inputs, output):
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.backend = causal, scale, dropout_p, backend
 
 
-def _backward_through(attention_backward):
-    """The autograd backward, calling `attention_backward` (the custom op, or its function)."""
+def _backward_through(attention_backward, mask_gradient):
+    """The autograd backward, calling `attention_backward` and `mask_gradient` (the custom ops,
+    or their functions)."""
     def backward(ctx, grad_out, grad_lse, grad_seed, grad_keep):
         q, k, v, out, lse, mask, seed = ctx.saved_tensors
-        mask_grad = ctx.needs_input_grad[3]
-        dq, dk, dv, d_mask = attention_backward(grad_out.contiguous(), q, k, v, out, lse, mask, ctx.causal,
-                                                ctx.scale, ctx.dropout_p, seed, mask_grad, ctx.backend)
-        return dq, dk, dv, (d_mask if mask_grad else None), None, None, None, None, None
+        grad_out = grad_out.contiguous()
+        dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p,
+                                        seed, ctx.backend)
+        d_mask = None
+        if ctx.needs_input_grad[3]:
+            d_mask = mask_gradient(grad_out, q, k, v, lse, mask, ctx.causal, ctx.scale, ctx.dropout_p, seed)
+        return dq, dk, dv, d_mask, None, None, None, None, None
     return backward
 
 
-torch.library.register_autograd("engine::attention", _backward_through(_attention_backward_op),
+torch.library.register_autograd("engine::attention",
+                                _backward_through(_attention_backward_op, _attention_mask_gradient_op),
                                 setup_context=_setup_context)
-_AttentionEager = common.eager_op(_attention_forward, _setup_context, _backward_through(_attention_backward))
+_AttentionEager = common.eager_op(_attention_forward, _setup_context,
+                                  _backward_through(_attention_backward, _attention_mask_gradient))
 
 
 # ---------------------------------------------------------------------------------------------
