@@ -162,16 +162,13 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, mask: 
         dQ = dS K * scale,  dK = dS^T Q * scale
     with dK, dV summed over the query heads that share a key/value head. Returns (dq, dk, dv)."""
     acc = accumulator_dtype(q.dtype)
-    b, hq, sq, _ = q.shape
+    b, hq = q.shape[:2]
     hk, sk = k.shape[1], k.shape[2]
     group = hq // hk
     out, lse = attention(q.to(acc), k.to(acc), v.to(acc), mask, causal, scale, dropout_p, dropout_keep)
     kq = k.to(acc).repeat_interleave(group, dim=1)
     vq = v.to(acc).repeat_interleave(group, dim=1)
-    scores = (q.to(acc) @ kq.transpose(-1, -2)) * scale
-    visible = torch.isfinite(lse).unsqueeze(-1)
-    probs = torch.where(visible, torch.exp(scores + _mask_bias(mask, causal, sq, sk, acc, q.device)
-                                           - torch.where(visible, lse.unsqueeze(-1), 0.0)), 0.0)
+    probs = _probabilities_from_lse(q.to(acc), kq, lse, mask, causal, scale)
     factor = dropout_keep.to(acc) / (1.0 - dropout_p) if dropout_keep is not None else 1.0
     d_out = grad_out.to(acc)
     dv = ((probs * factor).transpose(-1, -2) @ d_out).view(b, hk, group, sk, -1).sum(2)
@@ -192,22 +189,29 @@ def attention_mask_gradient(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, l
     broadcast view is fine); returns [B, Hq, Sq, Sk] in mask's dtype, which autograd then sums over
     the dims the user's mask was broadcast along."""
     acc = accumulator_dtype(q.dtype)
-    b, hq, sq, _ = q.shape
-    sk = k.shape[2]
-    group = hq // k.shape[1] if k.shape[1] else 1
-    grad = torch.empty(b, hq, sq, sk, dtype=mask.dtype, device=q.device)
-    for i in range(b):
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1
+    grad = torch.empty(*q.shape[:3], k.shape[2], dtype=mask.dtype, device=q.device)
+    for i in range(q.shape[0]):
         kq = k[i].to(acc).repeat_interleave(group, dim=0)
         vq = v[i].to(acc).repeat_interleave(group, dim=0)
-        row_lse = lse[i].to(acc).unsqueeze(-1)
-        visible = torch.isfinite(row_lse)
-        scores = (q[i].to(acc) @ kq.transpose(-1, -2)) * scale + _mask_bias(mask[i], causal, sq, sk, acc, q.device)
-        probs = torch.where(visible, torch.exp(scores - torch.where(visible, row_lse, 0.0)), 0.0)
+        probs = _probabilities_from_lse(q[i].to(acc), kq, lse[i].to(acc), mask[i], causal, scale)
         dp = grad_out[i].to(acc) @ vq.transpose(-1, -2)
         if dropout_keep is not None:
             dp = dp * dropout_keep[i].to(acc) / (1.0 - dropout_p)
         grad[i] = probs * (dp - (probs * dp).sum(-1, keepdim=True))
     return grad
+
+
+def _probabilities_from_lse(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor], causal: bool,
+                            scale: float) -> Tensor:
+    """P = exp(q k^T * scale + mask - lse), recomputed from the forward's log-sum-exp as backward
+    passes do (q, k with the same heads, in the accumulator dtype); 0 on rows that see no key
+    (lse = -inf)."""
+    sq, sk = q.shape[-2], k.shape[-2]
+    scores = (q @ k.transpose(-1, -2)) * scale + _mask_bias(mask, causal, sq, sk, q.dtype, q.device)
+    row_lse = lse.unsqueeze(-1)
+    visible = torch.isfinite(row_lse)
+    return torch.where(visible, torch.exp(scores - torch.where(visible, row_lse, 0.0)), 0.0)
 
 
 def _mask_bias(mask: Optional[Tensor], causal: bool, sq: int, sk: int, dtype, device) -> Tensor:

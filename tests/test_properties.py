@@ -34,8 +34,18 @@ TRITON_EXAMPLES = max(3, settings.get_profile(PROFILE).max_examples // 5)
 f64 = torch.float64
 
 
-def _examples(backend: str) -> settings:
-    return settings(max_examples=TRITON_EXAMPLES) if backend == "triton" else settings()
+def _check_every_drawn_case(cases, check_one, backend: str, device: str) -> None:
+    """Runs check_one(case, backend, device) on the cases drawn from cases(tiny=...): tiny ones
+    and TRITON_EXAMPLES of them for triton (the interpreter), the profile's draw for the others."""
+    skip_unless_runs(backend, device)
+    examples = settings(max_examples=TRITON_EXAMPLES) if backend == "triton" else settings()
+
+    @examples
+    @given(cases(tiny=backend == "triton"))
+    def check(case):
+        check_one(case, backend, device)
+
+    check()
 
 
 def _tensor(generator, *shape, strided: bool = False, scale: float = 1.0):
@@ -101,14 +111,7 @@ def _check_norm(case, backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 def test_norms_match_torch(backend, device):
-    skip_unless_runs(backend, device)
-
-    @_examples(backend)
-    @given(norm_cases(tiny=backend == "triton"))
-    def check(case):
-        _check_norm(case, backend, device)
-
-    check()
+    _check_every_drawn_case(norm_cases, _check_norm, backend, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,20 +147,13 @@ def _check_linear(case, backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 def test_linear_matches_torch(backend, device):
-    skip_unless_runs(backend, device)
-
-    @_examples(backend)
-    @given(linear_cases(tiny=backend == "triton"))
-    def check(case):
-        _check_linear(case, backend, device)
-
-    check()
+    _check_every_drawn_case(linear_cases, _check_linear, backend, device)
 
 
 # ---------------------------------------------------------------------------------------------
 # Attention
 
-# Broadcast forms of a mask over [B, Hq, Sq, Sk]: which dims it has (1 = broadcast).
+# Broadcast forms of a mask over [B, Hq, Sq, Sk]: which dims it has (0 = broadcast, size 1).
 MASK_FORMS = {"BHQK": (1, 1, 1, 1), "B1QK": (1, 0, 1, 1), "11QK": (0, 0, 1, 1), "B11K": (1, 0, 0, 1),
               "QK": None}
 
@@ -215,11 +211,4 @@ def _check_attention(case, backend, device):
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 def test_attention_matches_torch(backend, device):
-    skip_unless_runs(backend, device)
-
-    @_examples(backend)
-    @given(attention_cases(tiny=backend == "triton"))
-    def check(case):
-        _check_attention(case, backend, device)
-
-    check()
+    _check_every_drawn_case(attention_cases, _check_attention, backend, device)

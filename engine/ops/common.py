@@ -25,6 +25,7 @@ from torch import Tensor
 from engine import backends
 from engine._validate import FLOAT_DTYPES
 
+
 def draw_seed() -> int:
     """A 62-bit dropout seed from torch's default generator, so torch.manual_seed reproduces it."""
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
