@@ -228,20 +228,25 @@ def _status_constant(name: str) -> BackendStatus:
     return status(name)
 
 
-def why_not(op: str, backend: str, device: torch.device, args: tuple) -> list:
-    """[] when `backend` can run `op` on `args` (the op's argument NamedTuple), else every reason
-    it cannot."""
-    implementations = _registry.get(op, {})
-    if backend not in implementations:
+def _cannot_serve(op: str, backend: str, device_type: str) -> list:
+    """[] when `backend` implements `op`, works here and runs on `device_type` tensors, else why
+    not. What does not depend on the call's arguments, so it never changes within a process."""
+    if backend not in _registry.get(op, {}):
         return [f"{op} has no {backend} implementation"]
     state = _status_constant(backend)
     if not state.available:
         return [f"the {backend} backend is unavailable: {state.reason}"]
-    if device.type not in state.devices:
+    if device_type not in state.devices:
         if backend == "reference":
-            return [f"the reference backend runs on CPU and CUDA tensors (plain PyTorch), not {device.type}"]
-        return [f"the {backend} backend does not run on {device.type} tensors here ({state.reason})"]
-    return implementations[backend].supports(args)
+            return [f"the reference backend runs on CPU and CUDA tensors (plain PyTorch), not {device_type}"]
+        return [f"the {backend} backend does not run on {device_type} tensors here ({state.reason})"]
+    return []
+
+
+def why_not(op: str, backend: str, device: torch.device, args: tuple) -> list:
+    """[] when `backend` can run `op` on `args` (the op's argument NamedTuple), else every reason
+    it cannot."""
+    return _cannot_serve(op, backend, device.type) or _registry[op][backend].supports(args)
 
 
 _logged_fallbacks: set = set()
@@ -262,6 +267,22 @@ def _log_fallback_once(op: str, candidate: str, reason: str) -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def _automatic_candidates(op: str, device_type: str) -> tuple[str, ...]:
+    """The backends of the automatic order that could serve `op` on `device_type`, in order: all
+    that is left to ask per call is each one's `supports(args)`. Cached: availability does not
+    change within a process (status is cached too). A backend left out is logged once here."""
+    candidates = []
+    for candidate in AUTOMATIC_ORDER.get(device_type, ("reference",)):
+        reasons = _cannot_serve(op, candidate, device_type)
+        if reasons:
+            _log_fallback_once(op, candidate, "; ".join(reasons))
+        else:
+            candidates.append(candidate)
+    return tuple(candidates)
+
+
 def select(op: str, device: torch.device, args: tuple, backend: Optional[str] = None) -> str:
     """The backend that runs this call of `op` (see the module docstring for the rules). args is
     the op's argument NamedTuple, which each candidate's `supports` reads."""
@@ -271,8 +292,8 @@ def select(op: str, device: torch.device, args: tuple, backend: Optional[str] = 
         if reasons:
             raise BackendError(f"backend {choice!r} cannot run {op}: {'; '.join(reasons)}")
         return choice
-    for candidate in AUTOMATIC_ORDER.get(device.type, ("reference",)):
-        reasons = why_not(op, candidate, device, args)
+    for candidate in _automatic_candidates(op, device.type):
+        reasons = _registry[op][candidate].supports(args)
         if not reasons:
             return candidate
         _log_fallback_once(op, candidate, "; ".join(reasons))

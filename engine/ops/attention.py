@@ -153,12 +153,18 @@ for _kind in ("cpu", "cuda"):
 # Python-side randomness.
 
 
-def _attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
-                       dropout_p: float, return_dropout_mask: bool,
-                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _attention_plain(q, k, v, mask, causal, scale, dropout_p, return_dropout_mask, backend):
+    """The forward as eager code calls it: (out, lse, seed, keep mask or None)."""
     seed = common.draw_seed() if dropout_p > 0 else 0
     out, lse, keep = backends.implementation(OP, backend).forward(
         q, k, v, mask, causal, scale, dropout_p, seed, return_dropout_mask)
+    return out, lse, seed, keep
+
+
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: bool, scale: float,
+                       dropout_p: float, return_dropout_mask: bool,
+                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out, lse, seed, keep = _attention_plain(q, k, v, mask, causal, scale, dropout_p, return_dropout_mask, backend)
     keep = keep if keep is not None else torch.empty(0, dtype=torch.bool, device=q.device)
     return out, lse, torch.tensor(seed, dtype=torch.int64), keep
 
@@ -261,7 +267,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], causal: b
     mask = None if mask is None else mask.expand(b, h, sq, k.shape[2])  # a stride-0 view, never copied
     args = AttentionArgs(q, k, v, mask, bool(causal), float(scale), float(dropout_p), bool(return_dropout_mask))
     chosen = backends.select(OP, q.device, args, backend)
-    out, lse, _, keep = common.run(_attention_op, _AttentionEager, _attention_forward, (*args, chosen),
+    out, lse, _, keep = common.run(_attention_op, _AttentionEager, _attention_plain, (*args, chosen),
                                    common.needs_grad(q, k, v, mask))
     return out, lse, (keep if return_dropout_mask and dropout_p > 0 else None)
 

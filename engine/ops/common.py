@@ -13,9 +13,14 @@ Each op module (layer_norm.py, attention.py, linear.py) follows one pattern, top
 
 Why two autograd wrappers. A torch.library custom op costs about 25 us of Python per call in eager
 mode (schema checks, dispatcher redispatch, the autograd wrapper), several times a tiny kernel's
-own time. `run` therefore calls the op's forward function directly when no input needs a
-gradient, an autograd.Function (about 5 us) when one does, and the custom op only while
-torch.compile traces, so that fullgraph=True graphs hold one opaque node per call.
+own time. `run` therefore calls the op's plain forward when no input needs a gradient, an
+autograd.Function (about 5 us) when one does, and the custom op only while torch.compile traces,
+so that fullgraph=True graphs hold one opaque node per call.
+
+The plain forward and the custom op's body return the same outputs but for absent ones: custom
+ops cannot return None or a Python int, so the body turns an absent output into an empty tensor
+and the dropout seed into a tensor (`torch.tensor` alone costs ~2 us), which the plain forward
+skips. The entry reads its outputs the same way from both.
 """
 from typing import Callable, Optional, Sequence
 
@@ -86,12 +91,13 @@ def eager_op(forward: Callable, setup_context: Callable, backward: Callable) -> 
     return EagerOp
 
 
-def run(custom_op, eager: Optional[type], forward: Callable, inputs: tuple, record_grad: bool):
+def run(custom_op, eager: Optional[type], plain: Callable, inputs: tuple, record_grad: bool):
     """Calls one op direction: the custom op while torch.compile traces, the eager
-    autograd.Function when autograd must record the call, else the forward function itself.
-    (An op without autograd, such as the decode step, passes eager=None and record_grad=False.)"""
+    autograd.Function when autograd must record the call, else the plain forward (see the module
+    docstring). An op without autograd, such as the decode step, passes eager=None and
+    record_grad=False."""
     if torch.compiler.is_compiling():
         return custom_op(*inputs)
     if record_grad:
         return eager.apply(*inputs)
-    return forward(*inputs)
+    return plain(*inputs)

@@ -76,9 +76,14 @@ common.register_cpp(OP, _cpp_forward, _cpp_backward, _cpp_supports)
 # Autograd. Absent outputs travel as empty tensors (custom ops cannot return None).
 
 
+def _layer_norm_plain(x, residual, weight, bias, eps, rms, backend):
+    """The forward as eager code calls it: (y, sum or None, mean or None, rstd)."""
+    return backends.implementation(OP, backend).forward(x, residual, weight, bias, eps, rms)
+
+
 def _layer_norm_forward(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                         eps: float, rms: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, total, mean, rstd = backends.implementation(OP, backend).forward(x, residual, weight, bias, eps, rms)
+    y, total, mean, rstd = _layer_norm_plain(x, residual, weight, bias, eps, rms, backend)
     return (y, x.new_empty(0) if total is None else total, rstd.new_empty(0) if mean is None else mean, rstd)
 
 
@@ -153,6 +158,6 @@ def layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], 
     stride) by engine.functional."""
     args = LayerNormArgs(x, residual, weight, bias, eps, rms)
     chosen = backends.select(OP, x.device, args, backend)
-    y, total, _, _ = common.run(_layer_norm_op, _LayerNormEager, _layer_norm_forward, (*args, chosen),
+    y, total, _, _ = common.run(_layer_norm_op, _LayerNormEager, _layer_norm_plain, (*args, chosen),
                                 common.needs_grad(x, residual, weight, bias))
     return y, (total if residual is not None else None)

@@ -156,12 +156,19 @@ common.register_cpp(GELU_OP, _cpp_gelu_forward, _cpp_gelu_backward, _cpp_gelu_su
 # returned as a tensor, so backward regenerates the same mask.
 
 
-def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float,
-                    residual: Optional[Tensor], return_dropout_mask: bool,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _linear_plain(x, weight, bias, activation, dropout_p, residual, return_dropout_mask, backend):
+    """The forward as eager code calls it: (out, pre-activation or None, seed, keep mask or None)."""
     seed = common.draw_seed() if dropout_p > 0 else 0
     out, pre, keep = backends.implementation(OP, backend).forward(
         x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask)
+    return out, pre, seed, keep
+
+
+def _linear_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float,
+                    residual: Optional[Tensor], return_dropout_mask: bool,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    out, pre, seed, keep = _linear_plain(x, weight, bias, activation, dropout_p, residual, return_dropout_mask,
+                                         backend)
     return (out, pre if pre is not None else x.new_empty(0), torch.tensor(seed, dtype=torch.int64),
             keep if keep is not None else torch.empty(0, dtype=torch.bool, device=x.device))
 
@@ -277,7 +284,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, d
     residual2d = residual.reshape(-1, n).contiguous() if residual is not None else None
     args = LinearArgs(x2d, weight, bias, activation, float(dropout_p), residual2d, bool(return_dropout_mask))
     chosen = backends.select(OP, x.device, args, backend)
-    out, _, _, keep = common.run(_linear_op, _LinearEager, _linear_forward, (*args, chosen),
+    out, _, _, keep = common.run(_linear_op, _LinearEager, _linear_plain, (*args, chosen),
                                  common.needs_grad(x, weight, bias, residual))
     return out.view(*x.shape[:-1], n), (keep if return_dropout_mask and dropout_p > 0 else None)
 
