@@ -286,7 +286,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, d
     chosen = backends.select(OP, x.device, args, backend)
     out, _, _, keep = common.run(_linear_op, _LinearEager, _linear_plain, (*args, chosen),
                                  common.needs_grad(x, weight, bias, residual))
-    return out.view(*x.shape[:-1], n), (keep if return_dropout_mask and dropout_p > 0 else None)
+    out = out if x.dim() == 2 else out.view(*x.shape[:-1], n)
+    return out, (keep if return_dropout_mask and dropout_p > 0 else None)
 
 
 def gelu(x: Tensor, approximate: str, backend: Optional[str]) -> Tensor:
