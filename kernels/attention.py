@@ -14,16 +14,15 @@ crosses apply j <= i.
 
 Backward (recompute P = exp(S - lse) from the saved lse):
     preprocess  lse in the scores' units; fp32/fp64: Delta = rowsum(dO * O)     [B, Hq, Sq]
-    dQ          one program per (BLOCK_M query rows, b * Hq + h), looping over key blocks:
-                dQ += dS K * scale (no atomics: deterministic). 16-bit data: first a sweep of
-                the same key blocks for Delta = rowsum(P * dP), stored for dK/dV: the same sum
-                as rowsum(dO * O) with O as the forward accumulated it, not rounded to 16 bits
-                (which put dq/dk at up to 38x the accuracy rule's allowance where the softmax
-                is peaked: tests/test_attention.py, attention sinks)
+    Delta       16-bit data: Delta = rowsum(P * dP), the dQ kernel's loop without dQ: the same
+                sum with O as the forward accumulated it, not rounded to 16 bits (which put
+                dq/dk at up to 38x the accuracy rule's allowance where the softmax is peaked)
     dK/dV       one program per (BLOCK_N keys, b * Hk + hk), looping over the query heads of
                 the GQA group and their query blocks: dV += (P*Z)^T dO, dK += dS^T Q * scale,
                 dS = P * (dP - Delta), dP = (dO V^T) * Z; the group's sum stays in registers
                 (no atomics)
+    dQ          one program per (BLOCK_M query rows, b * Hq + h), looping over key blocks:
+                dQ += dS K * scale (no atomics: deterministic)
     Z = keep / (1 - p), the dropout mask regenerated from the seed (tl.philox, counters
     (j, i, b * Hq + h, 0), key = seed: bit-identical to engine.reference.dropout_uniform).
 
@@ -43,9 +42,9 @@ bytes written):
     forward:   reads B*Hq*Sq*D*s (Q) + ceil(Sq/BLOCK_M)*B*Hq*Sk*(D+Dv)*s (K/V, once per query
                block; from L2 after the first), writes B*Hq*Sq*Dv*s (O) + B*Hq*Sq*4 (lse)
     backward:  preprocess reads 2*B*Hq*Sq*Dv*s (fp32/fp64 only), writes B*Hq*Sq*4 (twice for
-               fp32/fp64); dK/dV reads K, V once and Q, dO, lse, Delta once per key block; dQ
-               reads Q, dO, lse, Delta once and K, V once per query block (twice for 16-bit
-               data, whose dQ kernel writes Delta); writes dQ, dK, dV once each
+               fp32/fp64); 16-bit Delta reads what dQ reads, writes B*Hq*Sq*4; dK/dV reads K, V
+               once and Q, dO, lse, Delta once per key block; dQ reads Q, dO, lse, Delta once
+               and K, V once per query block; writes dQ, dK, dV once each
     decode:    reads B*Hk*L*(D+Dv)*s (each valid cache entry once) + Q, writes
                B*Hq*Sq*splits*(Dv+1)*4 partials, reads them back, writes O and lse
 """
@@ -333,7 +332,7 @@ def _attn_bwd_preprocess_kernel(
     stride_dob, stride_doh, stride_dos,
     Hq, Sq, Dv,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
-    DELTA_FROM_P: tl.constexpr,  # 16-bit data: the dQ kernel computes Delta instead (see there)
+    DELTA_FROM_P: tl.constexpr,  # 16-bit data: _attn_bwd_delta_kernel computes Delta instead
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -565,7 +564,7 @@ def _attn_bwd_dq_kernel(
     V,                          # [B, Hk, Sk, Dv], unit stride in Dv
     DO,                         # [B, Hq, Sq, Dv], unit stride in Dv
     LseS,                       # [B, Hq, Sq] contiguous ACC: lse in the scores' units, +inf if no key is visible
-    Delta,                      # [B, Hq, Sq] contiguous ACC, rowsum(dO * O): read, or written when DELTA_FROM_P
+    Delta,                      # [B, Hq, Sq] contiguous ACC, rowsum(dO * O)
     Mask,                       # [B, Hq, Sq, Sk] view, int8 (bool) or float, read when MASK_KIND > 0
     DQ,                         # [B, Hq, Sq, D] contiguous output
     stride_qb, stride_qh, stride_qs,
@@ -580,7 +579,6 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,      # keys per step
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
     ACC: tl.constexpr, DOT_IEEE: tl.constexpr, FP64: tl.constexpr, INTERPRET: tl.constexpr,
-    DELTA_FROM_P: tl.constexpr,  # compute Delta = rowsum(P * dP) in a first sweep and store it
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -599,6 +597,7 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_dv[None, :],
                  mask=row_ok[:, None] & dv_ok[None, :], other=0.0)        # [M, BLOCK_DV]
     lse = tl.load(LseS + bh * Sq + offs_m, mask=row_ok, other=float("inf"))   # +inf: P = 0
+    delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
     K_head = K + b * stride_kb + hk * stride_kh
     V_head = V + b * stride_vb + hk * stride_vh
     Mask_head = Mask + b * stride_mb + h * stride_mh
@@ -610,18 +609,6 @@ def _attn_bwd_dq_kernel(
     else:
         hi = Sk
         mid = Sk
-    if DELTA_FROM_P:
-        # 16-bit O carries 8 (bf16) or 11 (fp16) bits, and Delta = rowsum(dO * O) from it errs by
-        # ~2^-9 |dO| |O| (bf16): far more than dP - Delta itself where the softmax is peaked (dS
-        # then cancels). rowsum(P * dP) is the same sum with O as the forward accumulated it (fp32).
-        delta = _bwd_delta_blocks(q, do, lse, K_head, V_head, Mask_head,
-                                  stride_ks, stride_vs, stride_mq, stride_mk,
-                                  offs_m, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, 0, hi, mid,
-                                  scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, bh,
-                                  CAUSAL, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N, ACC, DOT_IEEE, FP64, INTERPRET)
-        tl.store(Delta + bh * Sq + offs_m, delta, mask=row_ok)
-    else:
-        delta = tl.load(Delta + bh * Sq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], ACC)
     dq = _bwd_dq_blocks(dq, q, do, lse, delta, K_head, V_head, Mask_head,
                         stride_ks, stride_vs, stride_mq, stride_mk,
@@ -631,6 +618,61 @@ def _attn_bwd_dq_kernel(
     dq = _mul_split(dq, scale_hi, scale_lo, FP64)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Q, K, V, DO, LseS,          # as in _attn_bwd_dq_kernel
+    Delta,                      # [B, Hq, Sq] contiguous ACC output: rowsum(P * dP)
+    Mask,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_mb, stride_mh, stride_mq, stride_mk,
+    Hq, group, Sq, Sk, D, Dv,
+    scale_hi, scale_lo, dropout_p, dropout_p_lo, seed,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    ACC: tl.constexpr, DOT_IEEE: tl.constexpr, FP64: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Delta for 16-bit data, before the dK/dV and dQ kernels: rowsum(P * dP) over the keys the
+    dQ kernel visits, the same sum as rowsum(dO * O) with O as the forward accumulated it. O as
+    stored carries 8 (bf16) or 11 (fp16) bits, and Delta from it errs by ~2^-9 |dO| |O| (bf16):
+    more than dS = P * (dP - Delta) survives where the softmax is peaked (dq/dk were up to 38x
+    the accuracy rule's allowance: tests/test_attention.py, attention sinks). A kernel of its own
+    rather than a first sweep of the dQ kernel, which then spilled (D = 256 with dropout, gfx942)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _in_range(offs_d, D, EVEN_D)
+    dv_ok = _in_range(offs_dv, Dv, EVEN_DV)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)           # [M, BLOCK_D]
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_dv[None, :],
+                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)        # [M, BLOCK_DV]
+    lse = tl.load(LseS + bh * Sq + offs_m, mask=row_ok, other=float("inf"))   # +inf: P = 0
+    if CAUSAL:   # as in the dQ kernel
+        hi = tl.minimum(Sk, start_m + BLOCK_M)
+        mid = tl.minimum((start_m // BLOCK_N) * BLOCK_N, hi)
+    else:
+        hi = Sk
+        mid = Sk
+    delta = _bwd_delta_blocks(q, do, lse, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                              Mask + b * stride_mb + h * stride_mh, stride_ks, stride_vs, stride_mq, stride_mk,
+                              offs_m, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, 0, hi, mid,
+                              scale_hi, scale_lo, scale_hi * _LOG2E, dropout_p,
+                              _keep_scale(dropout_p, dropout_p_lo, FP64), seed, bh,
+                              CAUSAL, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N, ACC, DOT_IEEE, FP64, INTERPRET)
+    tl.store(Delta + bh * Sq + offs_m, delta, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -898,6 +940,9 @@ _attn_bwd_dkdv = triton.autotune(_configs(dkdv_candidates, _INTERPRET_DKDV), key
                                  prune_configs_by=_pruner(dkdv_candidates))(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = triton.autotune(_configs(dq_candidates, _INTERPRET_DQ), key=_TUNE_KEY,
                                prune_configs_by=_pruner(dq_candidates))(_attn_bwd_dq_kernel)
+# the delta kernel holds and streams the dQ kernel's tiles (without its accumulator): its configs
+_attn_bwd_delta = triton.autotune(_configs(dq_candidates, _INTERPRET_DQ), key=_TUNE_KEY,
+                                  prune_configs_by=_pruner(dq_candidates))(_attn_bwd_delta_kernel)
 
 
 def _head_block(d: int) -> int:
@@ -998,7 +1043,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     delta = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
     lse_s = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
     block_d, block_dv = _head_block(d), _head_block(dv_dim)
-    # Delta = rowsum(dO * O) for fp32/fp64; for 16-bit data rowsum(P * dP), in the dQ kernel
+    # Delta = rowsum(dO * O) for fp32/fp64 (preprocess); for 16-bit data rowsum(P * dP) (delta kernel)
     delta_from_p = _is_16bit(q.dtype)
     if b * hq * sq > 0:
         block_m = _preprocess_block_m(block_dv)
@@ -1012,16 +1057,21 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=d == block_d, EVEN_DV=dv_dim == block_dv,
                   ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET)
     scalars = (scale_hi, scale_lo, p_hi, p_lo, _seed(seed))
-    if b * hq * sq > 0:  # first: with 16-bit data it writes the Delta dK/dV reads
-        _attn_bwd_dq[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
-            q, k, v, grad_out, lse_s, delta, mask_arg, dq,
+    if delta_from_p and b * hq * sq > 0:
+        _attn_bwd_delta[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
+            q, k, v, grad_out, lse_s, delta, mask_arg,
             *_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides,
-            hq, hq // hk, sq, sk, d, dv_dim, *scalars, DELTA_FROM_P=delta_from_p, **common)
+            hq, hq // hk, sq, sk, d, dv_dim, *scalars, **common)
     if b * hk * sk > 0:
         _attn_bwd_dkdv[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hk)](
             q, k, v, grad_out, lse_s, delta, mask_arg, dk, dv,
             *_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides,
             hq, hk, hq // hk, sq, sk, d, dv_dim, *scalars, **common)
+    if b * hq * sq > 0:
+        _attn_bwd_dq[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
+            q, k, v, grad_out, lse_s, delta, mask_arg, dq,
+            *_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides,
+            hq, hq // hk, sq, sk, d, dv_dim, *scalars, **common)
     return dq, dk, dv
 
 
@@ -1165,7 +1215,7 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
     candidate of the forward, dK/dV and dQ kernels at head dims 64 and 128 (fp16, bf16), 16, 80,
     96, 256 (fp16; 256 in bf16 too), fp32 at 64/128/256 and fp64 at 64, each in the plain variant
     (no mask, no dropout) and the heaviest one (causal, float mask, dropout; the forward also
-    with the debug keep mask; the dQ kernel with its Delta sweep for 16-bit data), the backward
+    with the debug keep mask; the 16-bit Delta kernel with the dQ kernel's blocks), the backward
     preprocess, and the decode kernels. 16-bit matrix products must use tensor cores (wgmma on
     sm90) wherever the tile has the 64 rows wgmma needs. Scalars are representative values of a
     real call (they decide Triton's divisibility-by-16 specialization)."""
@@ -1216,9 +1266,17 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
                     name=f"attention_bwd_dq {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
                     kernel=_attn_bwd_dq_kernel,
                     args=(*bwd_args, dtype, *strides4, h, 1, s, s, d, d, *scalars),
-                    constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn, DELTA_FROM_P=tc),
+                    constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
                     grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
                     expects_tensor_cores=tc and bm >= 64))
+                if tc:
+                    cases.append(GpuCompileCase(
+                        name=f"attention_bwd_delta {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
+                        kernel=_attn_bwd_delta_kernel,
+                        args=(*bwd_args, *strides4, h, 1, s, s, d, d, *scalars),
+                        constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
+                        grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
+                        expects_tensor_cores=bm >= 64))
         block_m = _preprocess_block_m(block_d)
         cases.append(GpuCompileCase(
             name=f"attention_bwd_preprocess {dname} Dv={d}",
