@@ -13,7 +13,10 @@ visited (loop bounds); blocks entirely below it run unmasked; only the blocks th
 crosses apply j <= i.
 
 Backward (recompute P = exp(S - lse) from the saved lse):
-    preprocess  Delta = rowsum(dO * O)                                 [B, Hq, Sq]
+    preprocess  lse in the scores' units; fp32/fp64: Delta = rowsum(dO * O)     [B, Hq, Sq]
+    Delta       16-bit data: Delta = rowsum(P * dP), the dQ kernel's loop without dQ: the same
+                sum with O as the forward accumulated it, not rounded to 16 bits (which put
+                dq/dk at up to 38x the accuracy rule's allowance where the softmax is peaked)
     dK/dV       one program per (BLOCK_N keys, b * Hk + hk), looping over the query heads of
                 the GQA group and their query blocks: dV += (P*Z)^T dO, dK += dS^T Q * scale,
                 dS = P * (dP - Delta), dP = (dO V^T) * Z; the group's sum stays in registers
@@ -38,9 +41,10 @@ B*Hq*Sq*Sk*mask_bytes read at most, less when broadcast, and the debug keep mask
 bytes written):
     forward:   reads B*Hq*Sq*D*s (Q) + ceil(Sq/BLOCK_M)*B*Hq*Sk*(D+Dv)*s (K/V, once per query
                block; from L2 after the first), writes B*Hq*Sq*Dv*s (O) + B*Hq*Sq*4 (lse)
-    backward:  preprocess reads 2*B*Hq*Sq*Dv*s, writes B*Hq*Sq*4; dK/dV reads K, V once and
-               Q, dO, lse, Delta once per key block; dQ reads Q, dO, lse, Delta once and K, V
-               once per query block; writes dQ, dK, dV once each
+    backward:  preprocess reads 2*B*Hq*Sq*Dv*s (fp32/fp64 only), writes B*Hq*Sq*4 (twice for
+               fp32/fp64); 16-bit Delta reads what dQ reads, writes B*Hq*Sq*4; dK/dV reads K, V
+               once and Q, dO, lse, Delta once per key block; dQ reads Q, dO, lse, Delta once
+               and K, V once per query block; writes dQ, dK, dV once each
     decode:    reads B*Hk*L*(D+Dv)*s (each valid cache entry once) + Q, writes
                B*Hq*Sq*splits*(Dv+1)*4 partials, reads them back, writes O and lse
 """
@@ -320,7 +324,7 @@ def _attn_bwd_preprocess_kernel(
     Out,                        # [B, Hq, Sq, Dv] forward output, unit stride in Dv
     DO,                         # [B, Hq, Sq, Dv] gradient of the output, unit stride in Dv
     Lse,                        # [B, Hq, Sq] contiguous ACC: the forward's natural log-sum-exp
-    Delta,                      # [B, Hq, Sq] contiguous ACC output: rowsum(dO * O)
+    Delta,                      # [B, Hq, Sq] contiguous ACC output: rowsum(dO * O), unless DELTA_FROM_P
     LseS,                       # [B, Hq, Sq] contiguous ACC output: lse in the scores' units (log2
                                 # units, natural for fp64), +inf for rows with no visible key so
                                 # that P = exp(S - LseS) = 0 there
@@ -328,20 +332,22 @@ def _attn_bwd_preprocess_kernel(
     stride_dob, stride_doh, stride_dos,
     Hq, Sq, Dv,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr,
+    DELTA_FROM_P: tl.constexpr,  # 16-bit data: _attn_bwd_delta_kernel computes Delta instead
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // Hq
     h = bh % Hq
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Sq
-    inside = row_ok[:, None] & (offs_dv[None, :] < Dv)
-    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :],
-                mask=inside, other=0.0).to(ACC)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_dv[None, :],
-                 mask=inside, other=0.0).to(ACC)
-    tl.store(Delta + bh * Sq + offs_m, tl.sum(o * do, 1), mask=row_ok)
+    if not DELTA_FROM_P:
+        offs_dv = tl.arange(0, BLOCK_DV)
+        inside = row_ok[:, None] & (offs_dv[None, :] < Dv)
+        o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_dv[None, :],
+                    mask=inside, other=0.0).to(ACC)
+        do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_dv[None, :],
+                     mask=inside, other=0.0).to(ACC)
+        tl.store(Delta + bh * Sq + offs_m, tl.sum(o * do, 1), mask=row_ok)
     lse = tl.load(Lse + bh * Sq + offs_m, mask=row_ok, other=0.0)
     if not FP64:
         lse = lse * _LOG2E
@@ -469,6 +475,66 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _bwd_p_dp(q, do, lse, K_head, V_head, Mask_head,
+              stride_ks, stride_vs, stride_mq, stride_mk,
+              offs_m, rows_m, offs_d, offs_dv, d_ok, dv_ok, Sk, start_n, diag_from,
+              scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, plane,
+              CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+              BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT_IEEE: tl.constexpr,
+              FP64: tl.constexpr, INTERPRET: tl.constexpr):
+    """P [M, N] and dP = (dO V^T) * Z [M, N] (ACC) of one query block against key block
+    start_n, and kT [BLOCK_D, N] (its keys, in the input dtype). q [M, BLOCK_D], do [M, BLOCK_DV];
+    lse [M] in the scores' units with +inf for rows whose P is 0. CAUSAL: key blocks from
+    diag_from on apply j <= i."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    col_ok = offs_n < Sk
+    rows_n = tl.minimum(offs_n, Sk - 1)      # as in the forward: read row Sk - 1, discard
+    kT = tl.load(K_head + rows_n[None, :] * stride_ks + offs_d[:, None],
+                 mask=d_ok[:, None], other=0.0)                                      # [BLOCK_D, N]
+    vT = tl.load(V_head + rows_n[None, :] * stride_vs + offs_dv[:, None],
+                 mask=dv_ok[:, None], other=0.0)                                     # [BLOCK_DV, N]
+    s = _mm(q, kT, ACC, DOT_IEEE, INTERPRET)                                         # [M, N]
+    if FP64:
+        s = _mul_split(s, scale_hi, scale_lo, FP64)
+    else:
+        s = s * qk_scale
+    s = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
+                    False, MASK_KIND, ACC, FP64)
+    if CAUSAL:
+        if start_n >= diag_from:
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    p = _exp_base(s - lse[:, None], FP64)
+    dp = _mm(do, vT, ACC, DOT_IEEE, INTERPRET)                                       # [M, N]
+    if DROPOUT:
+        keep = _keep_mask(seed, offs_m[:, None], offs_n[None, :], plane, dropout_p)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
+    return p, dp, kT
+
+
+@triton.jit
+def _bwd_delta_blocks(q, do, lse,
+                      K_head, V_head, Mask_head,
+                      stride_ks, stride_vs, stride_mq, stride_mk,
+                      offs_m, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, lo, hi, diag_from,
+                      scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, plane,
+                      CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr, DOT_IEEE: tl.constexpr,
+                      FP64: tl.constexpr, INTERPRET: tl.constexpr):
+    """Delta [M] = rowsum(P * dP) of one query block over key blocks [lo, hi) (arguments as in
+    _bwd_dq_blocks): rowsum(dO * O) with O as the forward accumulated it (ACC), not as it was
+    rounded to 16 bits."""
+    rows_m = tl.minimum(offs_m, Sq - 1)
+    delta = tl.zeros([BLOCK_M], ACC)
+    for start_n in range(lo, hi, BLOCK_N):
+        p, dp, _ = _bwd_p_dp(q, do, lse, K_head, V_head, Mask_head, stride_ks, stride_vs, stride_mq, stride_mk,
+                             offs_m, rows_m, offs_d, offs_dv, d_ok, dv_ok, Sk, start_n, diag_from,
+                             scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, plane,
+                             CAUSAL, MASK_KIND, DROPOUT, BLOCK_N, ACC, DOT_IEEE, FP64, INTERPRET)
+        delta += tl.sum(p * dp, 1)
+    return delta
+
+
+@triton.jit
 def _bwd_dq_blocks(dq, q, do, lse, delta,
                    K_head, V_head, Mask_head,
                    stride_ks, stride_vs, stride_mq, stride_mk,
@@ -482,28 +548,10 @@ def _bwd_dq_blocks(dq, q, do, lse, delta,
     whose P is 0; delta [M]. CAUSAL: key blocks from diag_from on apply j <= i."""
     rows_m = tl.minimum(offs_m, Sq - 1)
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        col_ok = offs_n < Sk
-        rows_n = tl.minimum(offs_n, Sk - 1)      # as in the forward: read row Sk - 1, discard
-        kT = tl.load(K_head + rows_n[None, :] * stride_ks + offs_d[:, None],
-                     mask=d_ok[:, None], other=0.0)                                  # [BLOCK_D, N]
-        vT = tl.load(V_head + rows_n[None, :] * stride_vs + offs_dv[:, None],
-                     mask=dv_ok[:, None], other=0.0)                                 # [BLOCK_DV, N]
-        s = _mm(q, kT, ACC, DOT_IEEE, INTERPRET)                                     # [M, N]
-        if FP64:
-            s = _mul_split(s, scale_hi, scale_lo, FP64)
-        else:
-            s = s * qk_scale
-        s = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
-                        False, MASK_KIND, ACC, FP64)
-        if CAUSAL:
-            if start_n >= diag_from:
-                s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-        p = _exp_base(s - lse[:, None], FP64)
-        dp = _mm(do, vT, ACC, DOT_IEEE, INTERPRET)                                   # [M, N]
-        if DROPOUT:
-            keep = _keep_mask(seed, offs_m[:, None], offs_n[None, :], plane, dropout_p)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
+        p, dp, kT = _bwd_p_dp(q, do, lse, K_head, V_head, Mask_head, stride_ks, stride_vs, stride_mq, stride_mk,
+                              offs_m, rows_m, offs_d, offs_dv, d_ok, dv_ok, Sk, start_n, diag_from,
+                              scale_hi, scale_lo, qk_scale, dropout_p, keep_scale, seed, plane,
+                              CAUSAL, MASK_KIND, DROPOUT, BLOCK_N, ACC, DOT_IEEE, FP64, INTERPRET)
         ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(kT.dtype), tl.trans(kT), ACC, DOT_IEEE, INTERPRET)
     return dq
@@ -570,6 +618,61 @@ def _attn_bwd_dq_kernel(
     dq = _mul_split(dq, scale_hi, scale_lo, FP64)
     tl.store(DQ + bh * Sq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    Q, K, V, DO, LseS,          # as in _attn_bwd_dq_kernel
+    Delta,                      # [B, Hq, Sq] contiguous ACC output: rowsum(P * dP)
+    Mask,
+    stride_qb, stride_qh, stride_qs,
+    stride_kb, stride_kh, stride_ks,
+    stride_vb, stride_vh, stride_vs,
+    stride_dob, stride_doh, stride_dos,
+    stride_mb, stride_mh, stride_mq, stride_mk,
+    Hq, group, Sq, Sk, D, Dv,
+    scale_hi, scale_lo, dropout_p, dropout_p_lo, seed,
+    CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+    ACC: tl.constexpr, DOT_IEEE: tl.constexpr, FP64: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Delta for 16-bit data, before the dK/dV and dQ kernels: rowsum(P * dP) over the keys the
+    dQ kernel visits, the same sum as rowsum(dO * O) with O as the forward accumulated it. O as
+    stored carries 8 (bf16) or 11 (fp16) bits, and Delta from it errs by ~2^-9 |dO| |O| (bf16):
+    more than dS = P * (dP - Delta) survives where the softmax is peaked (dq/dk were up to 38x
+    the accuracy rule's allowance: tests/test_attention.py, attention sinks). A kernel of its own
+    rather than a first sweep of the dQ kernel, which then spilled (D = 256 with dropout, gfx942)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // group
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    d_ok = _in_range(offs_d, D, EVEN_D)
+    dv_ok = _in_range(offs_dv, Dv, EVEN_DV)
+    row_ok = offs_m < Sq
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0)           # [M, BLOCK_D]
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_dv[None, :],
+                 mask=row_ok[:, None] & dv_ok[None, :], other=0.0)        # [M, BLOCK_DV]
+    lse = tl.load(LseS + bh * Sq + offs_m, mask=row_ok, other=float("inf"))   # +inf: P = 0
+    if CAUSAL:   # as in the dQ kernel
+        hi = tl.minimum(Sk, start_m + BLOCK_M)
+        mid = tl.minimum((start_m // BLOCK_N) * BLOCK_N, hi)
+    else:
+        hi = Sk
+        mid = Sk
+    delta = _bwd_delta_blocks(q, do, lse, K + b * stride_kb + hk * stride_kh, V + b * stride_vb + hk * stride_vh,
+                              Mask + b * stride_mb + h * stride_mh, stride_ks, stride_vs, stride_mq, stride_mk,
+                              offs_m, offs_d, offs_dv, d_ok, dv_ok, Sq, Sk, 0, hi, mid,
+                              scale_hi, scale_lo, scale_hi * _LOG2E, dropout_p,
+                              _keep_scale(dropout_p, dropout_p_lo, FP64), seed, bh,
+                              CAUSAL, MASK_KIND, DROPOUT, BLOCK_M, BLOCK_N, ACC, DOT_IEEE, FP64, INTERPRET)
+    tl.store(Delta + bh * Sq + offs_m, delta, mask=row_ok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -837,6 +940,9 @@ _attn_bwd_dkdv = triton.autotune(_configs(dkdv_candidates, _INTERPRET_DKDV), key
                                  prune_configs_by=_pruner(dkdv_candidates))(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = triton.autotune(_configs(dq_candidates, _INTERPRET_DQ), key=_TUNE_KEY,
                                prune_configs_by=_pruner(dq_candidates))(_attn_bwd_dq_kernel)
+# the delta kernel holds and streams the dQ kernel's tiles (without its accumulator): its configs
+_attn_bwd_delta = triton.autotune(_configs(dq_candidates, _INTERPRET_DQ), key=_TUNE_KEY,
+                                  prune_configs_by=_pruner(dq_candidates))(_attn_bwd_delta_kernel)
 
 
 def _head_block(d: int) -> int:
@@ -937,11 +1043,13 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     delta = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
     lse_s = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
     block_d, block_dv = _head_block(d), _head_block(dv_dim)
+    # Delta = rowsum(dO * O) for fp32/fp64 (preprocess); for 16-bit data rowsum(P * dP) (delta kernel)
+    delta_from_p = _is_16bit(q.dtype)
     if b * hq * sq > 0:
         block_m = _preprocess_block_m(block_dv)
         _attn_bwd_preprocess_kernel[(triton.cdiv(sq, block_m), b * hq)](
             out, grad_out, lse, delta, lse_s, *_stride3(out), *_stride3(grad_out), hq, sq, dv_dim,
-            BLOCK_M=block_m, BLOCK_DV=block_dv, ACC=acc_tl, FP64=fp64, num_warps=4)
+            BLOCK_M=block_m, BLOCK_DV=block_dv, ACC=acc_tl, FP64=fp64, DELTA_FROM_P=delta_from_p, num_warps=4)
     mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
     scale_hi, scale_lo = _split(scale)
     p_hi, p_lo = _split(dropout_p)
@@ -949,6 +1057,11 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
                   BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=d == block_d, EVEN_DV=dv_dim == block_dv,
                   ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET)
     scalars = (scale_hi, scale_lo, p_hi, p_lo, _seed(seed))
+    if delta_from_p and b * hq * sq > 0:
+        _attn_bwd_delta[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
+            q, k, v, grad_out, lse_s, delta, mask_arg,
+            *_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides,
+            hq, hq // hk, sq, sk, d, dv_dim, *scalars, **common)
     if b * hk * sk > 0:
         _attn_bwd_dkdv[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hk)](
             q, k, v, grad_out, lse_s, delta, mask_arg, dk, dv,
@@ -1102,10 +1215,10 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
     candidate of the forward, dK/dV and dQ kernels at head dims 64 and 128 (fp16, bf16), 16, 80,
     96, 256 (fp16; 256 in bf16 too), fp32 at 64/128/256 and fp64 at 64, each in the plain variant
     (no mask, no dropout) and the heaviest one (causal, float mask, dropout; the forward also
-    with the debug keep mask), the backward preprocess, and the decode kernels. 16-bit matrix
-    products must use tensor cores (wgmma on sm90) wherever the tile has the 64 rows wgmma
-    needs. Scalars are representative values of a real call (they decide Triton's
-    divisibility-by-16 specialization)."""
+    with the debug keep mask; the 16-bit Delta kernel with the dQ kernel's blocks), the backward
+    preprocess, and the decode kernels. 16-bit matrix products must use tensor cores (wgmma on
+    sm90) wherever the tile has the 64 rows wgmma needs. Scalars are representative values of a
+    real call (they decide Triton's divisibility-by-16 specialization)."""
     cases = []
     s, seed, h = 1024, 2**40, 8
     variants = [(False, MASK_NONE, False), (True, MASK_FLOAT, True)]
@@ -1156,12 +1269,20 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
                     constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
                     grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
                     expects_tensor_cores=tc and bm >= 64))
+                if tc:
+                    cases.append(GpuCompileCase(
+                        name=f"attention_bwd_delta {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
+                        kernel=_attn_bwd_delta_kernel,
+                        args=(*bwd_args, *strides4, h, 1, s, s, d, d, *scalars),
+                        constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
+                        grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
+                        expects_tensor_cores=bm >= 64))
         block_m = _preprocess_block_m(block_d)
         cases.append(GpuCompileCase(
             name=f"attention_bwd_preprocess {dname} Dv={d}",
             kernel=_attn_bwd_preprocess_kernel,
             args=(dtype, dtype, acc_dtype, acc_dtype, acc_dtype, *strides_q, *strides_q, h, s, d),
-            constexprs=dict(BLOCK_M=block_m, BLOCK_DV=block_d, ACC=acc_tl, FP64=fp64),
+            constexprs=dict(BLOCK_M=block_m, BLOCK_DV=block_d, ACC=acc_tl, FP64=fp64, DELTA_FROM_P=tc),
             grid=(s // block_m, 8 * h), num_warps=4))
     cases += _decode_compile_cases()
     return cases

@@ -144,6 +144,7 @@ struct AttentionBackwardArgs {
   T* dk;                       // [B, Hk, Sk, D] contiguous output (summed over each GQA group)
   T* dv;                       // [B, Hk, Sk, Dv] contiguous output
   A* delta;                    // [B, Hq, Sq] workspace: rowsum(dout * out), written by the kernel
+                               // (for 16-bit data as rowsum(P * dP Z), free of out's rounding)
   int64_t batch, heads_q, heads_k, seq_q, seq_k, head_dim, head_dim_v;
   A scale;
   bool causal;
