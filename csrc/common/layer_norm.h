@@ -8,9 +8,22 @@
 //   c1 = sum(g * xhat) / N,   c2 = sum(g) / N   (0 for RMS norm)
 //   dv = (g - xhat * c1 - c2) * rstd
 //   dw = sum over rows of dy * xhat,   db = sum over rows of dy
+//
+// Extreme rows. The sums above overflow the accumulator for |v| beyond ~2^64 (fp32: 1.8e19; bf16
+// and fp32 inputs reach 3.4e38), and the squares lose their digits below ~2^-63 (subnormal), which
+// matters only when eps is as small (eps = 0). The forward computes the statistics directly and
+// checks the result (layer_norm_direct_ok); a row outside the range takes a second, rare pass:
+// v is divided by p = layer_norm_row_scale(max |v|), a power of two (so the scaling is exact), the
+// statistics are computed on v / p (|v / p| < 4) with eps / p^2, and mean = mean' * p,
+// rstd = rstd' / p are the true ones (rstd may be subnormal: for |v| ~ 3e38 it is ~3e-39).
+// Backward computes x - mean as (x / 2 - mean / 2) * 2 in rows whose std exceeds 1
+// (layer_norm_centering), where x - mean could overflow.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 
 #include "common/dtypes.h"
 
@@ -20,6 +33,47 @@ template <typename A>
 HOST_DEVICE A layer_norm_rstd(A sum_of_squares, A cols, A eps) {
   using std::sqrt;  // host: std::sqrt; device: CUDA's float/double overloads
   return A(1) / sqrt(sum_of_squares / cols + eps);
+}
+
+// Whether the directly computed rstd is exact: variance + eps in [2^-100, 2^126] (fp32) or
+// [2^-958, 2^1022] (fp64), that is no overflow and no subnormal squares that matter. NaN: false.
+template <typename A>
+HOST_DEVICE bool layer_norm_direct_ok(A rstd) {
+  if constexpr (sizeof(A) == 4) return rstd >= 0x1p-63f && rstd <= 0x1p50f;
+  else return rstd >= 0x1p-511 && rstd <= 0x1p479;
+}
+
+// The power of two p that the slow path divides a row by: top's (= max |v|) exponent,
+// 2^floor(log2 top), clamped to [2^-126, 2^126] (fp64: [2^-1022, 2^1022]) so that 1 / p is
+// normal and exact too. inf or NaN give 2^126, and the row's statistics stay inf / NaN.
+template <typename A>
+HOST_DEVICE A layer_norm_row_scale(A top) {
+  using Bits = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  constexpr Bits kExponent = sizeof(A) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
+  constexpr A kLow = sizeof(A) == 4 ? A(FLT_MIN) : A(DBL_MIN);
+  constexpr A kHigh = A(1) / kLow;
+  Bits bits;
+  std::memcpy(&bits, &top, sizeof(A));
+  bits &= kExponent;
+  A p;
+  std::memcpy(&p, &bits, sizeof(A));
+  return p < kLow ? kLow : (p > kHigh ? kHigh : p);
+}
+
+// Backward's centering: xhat = (x * half - mean * half) * (rstd * twice) with (half, twice) =
+// (1/2, 2) when rstd < 1, else (1, 1): exact either way for normal x, and x / 2 - mean / 2 cannot
+// overflow (|x|, |mean| <= max). Where std <= 1, |x - mean| <= sqrt(N) std is far from overflow.
+template <typename A>
+struct LayerNormCentering {
+  A half_mean;   // mean * half
+  A half;
+  A rstd_twice;  // rstd * twice
+};
+
+template <typename A>
+HOST_DEVICE LayerNormCentering<A> layer_norm_centering(A mean, A rstd) {
+  const A half = rstd < A(1) ? A(0.5) : A(1);
+  return {mean * half, half, rstd < A(1) ? rstd * A(2) : rstd};
 }
 
 template <typename A>

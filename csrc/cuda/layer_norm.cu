@@ -21,6 +21,19 @@ __device__ __forceinline__ acc_t<T> load(const T* row, int64_t j) {
   return to_acc(row[j]);
 }
 
+// The maximum of `value` over the block, on every thread (as block_sum).
+template <typename A>
+__device__ A block_max(A value, A* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  value = lane < warps ? scratch[lane] : A(0);
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  __syncthreads();
+  return value;
+}
+
 // Forward for one row in block blockIdx.x. kHeld: the row fits in registers (at most
 // kThreads * kMaxPerThread elements) and the loops unroll over the held slice; otherwise the
 // later passes re-read the row from global memory (L2).
@@ -51,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
     if (kHeld) held[k] = v;
     total += v;
   }
-  const A mean = args.rms ? A(0) : block_sum(total, scratch) / A(n);
+  A mean = args.rms ? A(0) : block_sum(total, scratch) / A(n);
 
   A squares = 0;
 #pragma unroll
@@ -61,10 +74,38 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
     const A v = kHeld ? held[k] : load(source, j);
     squares += (v - mean) * (v - mean);
   }
-  const A rstd = layer_norm_rstd(block_sum(squares, scratch), A(n), args.eps);
+  A rstd = layer_norm_rstd(block_sum(squares, scratch), A(n), args.eps);
+  // Rare rows outside the direct statistics' range (csrc/common/layer_norm.h): again on v * scale,
+  // scale = 1 / p a power of two. rstd comes from block_sum, so the branch is uniform over the block.
+  A scale = 1;
+  if (!layer_norm_direct_ok(rstd)) {
+    A top = 0;
+#pragma unroll
+    for (int k = 0; k < steps; ++k) {
+      const int j = threadIdx.x + k * kThreads;
+      if (j < n) top = fmax(top, fabs(kHeld ? held[k] : load(source, j)));
+    }
+    scale = A(1) / layer_norm_row_scale(block_max(top, scratch));
+    A scaled_total = 0;
+#pragma unroll
+    for (int k = 0; k < steps; ++k) {
+      const int j = threadIdx.x + k * kThreads;
+      if (j < n) scaled_total += (kHeld ? held[k] : load(source, j)) * scale;
+    }
+    mean = args.rms ? A(0) : block_sum(scaled_total, scratch) / A(n);
+    A scaled_squares = 0;
+#pragma unroll
+    for (int k = 0; k < steps; ++k) {
+      const int j = threadIdx.x + k * kThreads;
+      if (j >= n) continue;
+      const A d = (kHeld ? held[k] : load(source, j)) * scale - mean;
+      scaled_squares += d * d;
+    }
+    rstd = layer_norm_rstd(block_sum(scaled_squares, scratch), A(n), args.eps * scale * scale);
+  }
   if (threadIdx.x == 0) {
-    if (args.mean) args.mean[r] = mean;
-    args.rstd[r] = rstd;
+    if (args.mean) args.mean[r] = mean / scale;
+    args.rstd[r] = rstd * scale;
   }
 
 #pragma unroll
@@ -72,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
     const int j = threadIdx.x + k * kThreads;
     if (j >= n) continue;
     const A v = kHeld ? held[k] : load(source, j);
-    A out = (v - mean) * rstd;
+    A out = (v * scale - mean) * rstd;
     if (args.weight) out *= load(args.weight, j);
     if (args.bias) out += load(args.bias, j);
     args.y[r * n + j] = from_acc<T>(out);
@@ -91,11 +132,12 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
   for (int64_t r = blockIdx.x; r < args.rows; r += gridDim.x) {
     const T* x = args.x + r * args.x_stride;
     const T* dy = args.dy + r * n;
-    const A mean = args.rms ? A(0) : args.mean[r];
     const A rstd = args.rstd[r];
+    // xhat = (x * half - half_mean) * rstd_twice (see layer_norm_centering)
+    const LayerNormCentering<A> c = layer_norm_centering(args.rms ? A(0) : args.mean[r], rstd);
     A g_xhat = 0, g_total = 0;
     for (int j = threadIdx.x; j < n; j += kThreads) {
-      const A xhat = (load(x, j) - mean) * rstd;
+      const A xhat = (load(x, j) * c.half - c.half_mean) * c.rstd_twice;
       const A g = load(dy, j) * (args.weight ? load(args.weight, j) : A(1));
       g_xhat += g * xhat;
       g_total += g;
@@ -103,7 +145,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
     const A c1 = block_sum(g_xhat, scratch) / A(n);
     const A c2 = args.rms ? A(0) : block_sum(g_total, scratch) / A(n);
     for (int j = threadIdx.x; j < n; j += kThreads) {
-      const A xhat = (load(x, j) - mean) * rstd;
+      const A xhat = (load(x, j) * c.half - c.half_mean) * c.rstd_twice;
       const A d = load(dy, j);
       const A g = d * (args.weight ? load(args.weight, j) : A(1));
       const A dsum = args.dsum ? load(args.dsum + r * n, j) : A(0);

@@ -1,0 +1,213 @@
+"""Extreme but finite inputs, and inf / NaN, through every op on every backend (issue 11).
+
+What is true is computed in float64 on inputs scaled where that matters: layer norm is
+scale-invariant (LN(v) = LN(v / a) with eps / a^2), so the float64 oracle normalizes rows of
+|v| up to 3.4e38 (whose squares overflow fp32, and where torch's own layer norm gives NaN) and
+rows of 1e-30 with eps = 0 (whose squares underflow fp32) exactly. Elsewhere torch's float64
+result is the truth. inf and NaN must come out where torch puts them (torch float64).
+
+Shapes are tiny: on CI the Triton kernels run in the interpreter on 2 cores.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import engine.functional as EF
+from conftest import backend_device_pairs, skip_unless_runs
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Allowed error of O(1) results, relative to the result's scale: a few roundings of the dtype.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+NORMS = {  # name: (has_residual, rms)
+    "layer_norm": (False, False),
+    "rms_norm": (False, True),
+    "add_layer_norm": (True, False),
+    "add_rms_norm": (True, True),
+}
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def smallest_subnormal(dtype):
+    return torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+
+
+def bf16_subnormals_mangled(backend, device, dtype):
+    """The Triton interpreter (3.9) converts bf16 subnormals to and from fp32 wrongly (1e-39 ->
+    4.2e-39 both ways; a GPU converts them exactly), so those values are checked on GPUs only."""
+    return backend == "triton" and device == "cpu" and dtype == torch.bfloat16
+
+
+def run_norm(name, v, w, b, eps, backend):
+    """The engine's norm of v (x = v and residual = 0 for the add variants, whose stored sum is
+    v again); returns (y, x: a leaf, for the gradient of v)."""
+    has_residual, rms = NORMS[name]
+    n = v.shape[-1]
+    v = v.detach().requires_grad_()
+    if has_residual:
+        if rms:
+            y, total = EF.add_rms_norm(v, torch.zeros_like(v), (n,), w, eps, backend=backend)
+        else:
+            y, total = EF.add_layer_norm(v, torch.zeros_like(v), (n,), w, b, eps, backend=backend)
+        torch.testing.assert_close(total, v.detach(), rtol=0, atol=0, equal_nan=True, msg="sum != x + 0")
+        return y, v
+    if rms:
+        return EF.rms_norm(v, (n,), w, eps, backend=backend), v
+    return EF.layer_norm(v, (n,), w, b, eps, backend=backend), v
+
+
+def norm64(name, v, w, b, eps):
+    """The true norm of the rows of v in float64, computed on v / max|v| with eps / max|v|^2 (the
+    same value: no overflow, no underflow); differentiable in v, w and b."""
+    _, rms = NORMS[name]
+    top = v.detach().abs().amax(-1, keepdim=True)
+    s = v / top
+    centered = s if rms else s - s.mean(-1, keepdim=True)
+    y = centered / torch.sqrt(centered.square().mean(-1, keepdim=True) + eps / top**2)
+    if w is not None:
+        y = y * w
+    if b is not None and not rms:
+        y = y + b
+    return y
+
+
+def assert_close(actual, expected, scale, dtype, name):
+    """|actual - expected| <= tolerance * scale + 2 subnormal steps of the dtype (results near
+    dtype's underflow, like dx ~ 3e-39 of a row of 3e38, have only the subnormals' digits)."""
+    actual = actual.double()
+    bound = TOLERANCE[dtype] * scale + 2 * smallest_subnormal(dtype)
+    error = (actual - expected).abs()
+    assert torch.isfinite(actual).all(), f"{name}: {actual}"
+    assert (error <= bound).all(), f"{name}: max error {(error / bound).max():.3g} x allowed\n{actual}\n{expected}"
+
+
+def check_norm(name, v, eps, dtype, backend, device, backward=True, check_dx=True):
+    """The engine's norm of v [M, N] (dtype) with a weight and bias, and its gradients (dx
+    unless not check_dx), against norm64's."""
+    g = torch.Generator().manual_seed(1)
+    n = v.shape[-1]
+    w = (torch.randn(n, generator=g) + 1).to(dtype=dtype, device=device).requires_grad_()
+    b = torch.randn(n, generator=g).to(dtype=dtype, device=device).requires_grad_()
+    dy = torch.randn(v.shape, generator=g).to(dtype=dtype, device=device)
+    _, rms = NORMS[name]
+    y, leaf = run_norm(name, v, w, None if rms else b, eps, backend)
+    v64, w64, b64 = (t.detach().double().requires_grad_() for t in (v, w, b))
+    y64 = norm64(name, v64, w64, None if rms else b64, eps)
+    assert_close(y, y64.detach(), 4.0, dtype, "y")
+    if not backward:
+        return
+    inputs = (leaf, w) if rms else (leaf, w, b)
+    grads = torch.autograd.grad(y, inputs, dy)
+    grads64 = torch.autograd.grad(y64, (v64, w64) if rms else (v64, w64, b64), dy.double())
+    # dx is of the order of |dy w| / std: compare it at that scale, row by row
+    centered = v64 if rms else v64 - v64.mean(-1, keepdim=True)
+    top = v64.detach().abs().amax(-1, keepdim=True)
+    std = ((centered / top).square().mean(-1, keepdim=True) + eps / top**2).sqrt() * top
+    dx_scale = 8.0 / std.detach()
+    if check_dx:
+        assert_close(grads[0], grads64[0], dx_scale, dtype, "dx")
+    rows = v.shape[0]
+    assert_close(grads[1], grads64[1], 4.0 * rows, dtype, "dweight")
+    if not rms:
+        assert_close(grads[2], grads64[2], 4.0 * rows, dtype, "dbias")
+
+
+def huge_rows(dtype, device):
+    """Rows whose squares overflow fp32 (|v| up to 0.95 of the dtype's max; fp16's squares fit):
+    random values scaled to the max, a row where x - mean overflows (mean = -max/2, one element
+    +max), and random values of 1e25 (the issue's example; 3e4 in fp16)."""
+    big = 0.95 * torch.finfo(dtype).max
+    g = torch.Generator().manual_seed(0)
+    random = torch.randn(8, generator=g)
+    lopsided = torch.full((8,), -1.0)
+    lopsided[3] = 1.0
+    moderate = 1e25 if dtype != torch.float16 else 3e4
+    rows = torch.stack([random / random.abs().max() * big, lopsided * big,
+                        torch.randn(8, generator=g) * moderate])
+    return rows.to(dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_of_rows_near_the_dtype_max(name, dtype, backend, device):
+    """Forward and backward of rows up to 0.95 * max: was zeros (rstd = 1 / sqrt(inf)) on every
+    backend for fp32 and bf16, NaN where x - mean overflowed. (dx ~ 1e-39 is subnormal.)"""
+    skip_unless_runs(backend, device)
+    check_norm(name, huge_rows(dtype, device), 1e-5, dtype, backend, device,
+               check_dx=not bf16_subnormals_mangled(backend, device, dtype))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("name", ["layer_norm", "add_rms_norm"])
+def test_norm_of_wide_rows_near_the_dtype_max(name, backend, device):
+    """Rows of 8200, wider than Triton's register-held rows (8192 forward, 4096 backward: the
+    chunked loops) and than the CPU kernel's 64 vector lanes; fp32 up to 0.95 * max."""
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(5)
+    random = torch.randn(8200, generator=g)
+    lopsided = torch.full((8200,), -1.0)
+    lopsided[::7] = 1.0
+    v = torch.stack([random / random.abs().max(), lopsided]) * (0.95 * torch.finfo(torch.float32).max)
+    check_norm(name, v.to(device), 1e-5, torch.float32, backend, device)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_of_tiny_rows_without_eps(name, dtype, backend, device):
+    """eps = 0 and rows of 1e-30 (squares 1e-60: zero in fp32; 1e-3 in fp16, whose small values
+    square fine): normalized values, not 0 / 0. Forward and backward (dx ~ 1e30)."""
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(2)
+    scale = 1e-3 if dtype == torch.float16 else 1e-30
+    v = (torch.randn(2, 8, generator=g) * scale).to(dtype=dtype, device=device)
+    check_norm(name, v, 0.0, dtype, backend, device)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("eps", [0.0, 1e-5])
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_of_subnormal_rows(name, eps, dtype, backend, device):
+    """Rows of the dtype's subnormals: with eps = 0 normalized values; with eps = 1e-5 the true
+    ~v / sqrt(eps), which is ~0 (forward only: with eps = 0, dx ~ 1 / 1e-40 overflows)."""
+    skip_unless_runs(backend, device)
+    if bf16_subnormals_mangled(backend, device, dtype):
+        pytest.skip("the Triton interpreter converts bf16 subnormals wrongly (checked on GPUs)")
+    g = torch.Generator().manual_seed(3)
+    v = (torch.randn(2, 8, generator=g) * torch.finfo(dtype).tiny / 4).to(dtype=dtype, device=device)
+    assert (v.abs() < torch.finfo(dtype).tiny).all() and (v != 0).any()
+    check_norm(name, v, eps, dtype, backend, device, backward=False)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("name", NORMS)
+def test_norm_propagates_inf_and_nan_as_torch(name, dtype, backend, device):
+    """Rows holding NaN, +inf, -inf and +-inf: NaN / inf exactly where torch's float64 norm puts
+    them (layer norm: the whole row NaN; RMS norm: NaN at the inf, 0 elsewhere), other rows
+    untouched; and dx NaN in the rows where torch's is."""
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(4)
+    v = torch.randn(5, 8, generator=g)
+    v[1, 2] = float("nan")
+    v[2, 5] = float("inf")
+    v[3, 0] = -float("inf")
+    v[4, 1], v[4, 6] = float("inf"), -float("inf")
+    v = v.to(dtype=dtype, device=device)
+    _, rms = NORMS[name]
+    y, leaf = run_norm(name, v, None, None, 1e-5, backend)
+    v64 = v.double().requires_grad_()
+    y64 = F.rms_norm(v64, (8,), eps=1e-5) if rms else F.layer_norm(v64, (8,), eps=1e-5)
+    assert torch.equal(torch.isnan(y), torch.isnan(y64)), f"NaN at\n{torch.isnan(y)}\ntorch:\n{torch.isnan(y64)}"
+    assert torch.equal(torch.isinf(y), torch.isinf(y64))
+    finite = torch.isfinite(y64)
+    assert_close(y[finite], y64[finite].detach(), 4.0, dtype, "y")
+    dy = torch.ones_like(y)
+    dx, = torch.autograd.grad(y, leaf, dy)
+    dx64, = torch.autograd.grad(y64, v64, dy.double())
+    assert torch.equal(torch.isnan(dx).any(-1), torch.isnan(dx64).any(-1))
