@@ -211,3 +211,122 @@ def test_norm_propagates_inf_and_nan_as_torch(name, dtype, backend, device):
     dx, = torch.autograd.grad(y, leaf, dy)
     dx64, = torch.autograd.grad(y64, v64, dy.double())
     assert torch.equal(torch.isnan(dx).any(-1), torch.isnan(dx64).any(-1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations: plain GeLU, and the fused epilogue of linear and feed_forward
+
+ACTIVATIONS = {  # the linear op's activation: the torch float64 function
+    "none": lambda x: x,
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+def extreme_column(dtype, backend, device):
+    """[M, 1]: -+0.95 max, -+1e5 (1e4 in fp16), the GeLUs' transition region, subnormals (but see
+    bf16_subnormals_mangled), zeros."""
+    big = 0.95 * torch.finfo(dtype).max
+    far = 1e4 if dtype == torch.float16 else 1e5
+    sub = 0.0 if bf16_subnormals_mangled(backend, device, dtype) else 3 * smallest_subnormal(dtype)
+    values = [-big, -far, -25.0, -10.0, -3.0, -0.75, -sub, -0.0, 0.0, sub, 0.75, 3.0, 10.0, 25.0, far, big]
+    return torch.tensor(values, dtype=torch.float64).to(dtype=dtype, device=device)[:, None]
+
+
+def assert_close_relative(actual, expected, dtype, name):
+    """assert_close at the scale of each element (|expected| + 1): relative for large results."""
+    assert_close(actual, expected, expected.abs() + 1.0, dtype, name)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_at_the_dtype_extremes(approximate, dtype, backend, device):
+    """EF.gelu and its slope in each dtype from -max to max: -0 / 0 far left, x / 1 far right (the
+    tanh form gave -5414.5 at -3e38 on triton), as torch computes it in float64."""
+    skip_unless_runs(backend, device)
+    x = extreme_column(dtype, backend, device)[:, 0].requires_grad_()
+    y = EF.gelu(x, approximate, backend=backend)
+    slope, = torch.autograd.grad(y.sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.gelu(x64, approximate=approximate)
+    slope64, = torch.autograd.grad(y64.sum(), x64)
+    assert_close_relative(y, y64.detach(), dtype, "gelu")
+    assert_close_relative(slope, slope64, dtype, "gelu'")
+
+
+def linear64(x, w, b, activation):
+    return ACTIVATIONS[activation](F.linear(x.double(), w.double(), b.double()))
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_linear_epilogue_at_the_dtype_extremes(activation, dtype, backend, device):
+    """linear(x, w, b, activation) whose pre-activations run from -max to max (w = [1, 1/2]^T,
+    b = 0), forward and backward (dx and dw through the activation's slope; dy = sign(x) / 4 so
+    that dw's sum of terms up to max / 4 does not cancel)."""
+    skip_unless_runs(backend, device)
+    x = extreme_column(dtype, backend, device).requires_grad_()
+    w = torch.tensor([[1.0], [0.5]], dtype=dtype, device=device, requires_grad=True)
+    b = torch.zeros(2, dtype=dtype, device=device, requires_grad=True)
+    y = EF.linear(x, w, b, None if activation == "none" else activation, backend=backend)
+    dy = (torch.sign(x.detach()) / 4).expand(-1, 2).contiguous()
+    grads = torch.autograd.grad(y, (x, w, b), dy)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    y64 = linear64(*leaves64, activation)
+    grads64 = torch.autograd.grad(y64, leaves64, dy.double())
+    assert_close_relative(y, y64.detach(), dtype, "y")
+    for name, grad, grad64 in zip(["dx", "dw", "db"], grads, grads64):
+        assert_close_relative(grad, grad64, dtype, name)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+def test_feed_forward_at_the_dtype_extremes(activation, dtype, backend, device):
+    """feed_forward with hidden pre-activations from -max to max (w1 = I, w2 = [1/2, 1/2]):
+    out = act(x) / 2 (+ 0), forward and dx, as torch float64."""
+    skip_unless_runs(backend, device)
+    column = extreme_column(dtype, backend, device)
+    x = torch.cat([column, torch.zeros_like(column)], 1).requires_grad_()
+    w1 = torch.eye(2, dtype=dtype, device=device)
+    w2 = torch.full((1, 2), 0.5, dtype=dtype, device=device)
+    b1, b2 = torch.zeros(2, dtype=dtype, device=device), torch.zeros(1, dtype=dtype, device=device)
+    out = EF.feed_forward(x, w1, b1, w2, b2, activation, backend=backend)
+    dout = torch.sign(column) / 4
+    dx, = torch.autograd.grad(out, x, dout)
+    x64 = x.detach().double().requires_grad_()
+    out64 = F.linear(linear64(x64, w1, b1, activation), w2.double(), b2.double())
+    dx64, = torch.autograd.grad(out64, x64, dout.double())
+    assert_close_relative(out, out64.detach(), dtype, "out")
+    assert_close_relative(dx, dx64, dtype, "dx")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_linear_propagates_inf_and_nan_as_torch(activation, dtype, backend, device):
+    """x rows holding NaN, +inf, -inf: y NaN / inf exactly where torch's float64 linear puts them
+    (gelu(-inf) = -inf * 0 is NaN in torch too); dx NaN where torch's is, in the rows without inf."""
+    skip_unless_runs(backend, device)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 3, generator=g)
+    x[1, 0] = float("nan")
+    x[2, 1] = float("inf")
+    x[3, 2] = -float("inf")
+    x = x.to(dtype=dtype, device=device).requires_grad_()
+    w = torch.randn(5, 3, generator=g).to(dtype=dtype, device=device)
+    b = torch.randn(5, generator=g).to(dtype=dtype, device=device)
+    y = EF.linear(x, w, b, None if activation == "none" else activation, backend=backend)
+    y64 = linear64(x.detach(), w, b, activation)
+    assert torch.equal(torch.isnan(y), torch.isnan(y64)), f"NaN at\n{torch.isnan(y)}\ntorch:\n{torch.isnan(y64)}"
+    assert torch.equal(torch.isinf(y), torch.isinf(y64)) and torch.equal(y[torch.isinf(y)], y64[torch.isinf(y64)].to(dtype))
+    finite = torch.isfinite(y64)
+    assert_close_relative(y[finite], y64[finite], dtype, "y")
+    # dx of the normal row and the NaN row (relu's and none's slope at NaN is 0 / 1 in torch)
+    dx, = torch.autograd.grad(y[:2], x, torch.ones_like(y[:2]))
+    x64 = x.detach().double().requires_grad_()
+    dx64, = torch.autograd.grad(linear64(x64, w, b, activation)[:2], x64, torch.ones_like(y64[:2]))
+    assert torch.equal(torch.isnan(dx[:2]), torch.isnan(dx64[:2])), f"{dx[:2]}\ntorch:\n{dx64[:2]}"
