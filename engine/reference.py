@@ -33,7 +33,8 @@ def layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], 
     # range, as csrc/common/layer_norm.h's layer_norm_row_scale): exact, and the sums cannot
     # overflow (|v| up to the dtype's max) or lose the squares to subnormals (eps = 0). The
     # kernels do this only for rows whose direct statistics fall outside that range.
-    scale = 1.0 / _power_of_two_below(v.abs().amax(-1, keepdim=True))
+    top = v.abs().amax(-1, keepdim=True) if v.shape[-1] > 0 else v.new_ones(*v.shape[:-1], 1)  # rows of 0: any
+    scale = 1.0 / _power_of_two_below(top)
     scaled = v * scale
     mean = torch.zeros_like(scaled) if rms else scaled.mean(-1, keepdim=True)
     centered = scaled - mean

@@ -12,9 +12,9 @@
 // Extreme rows. The sums above overflow the accumulator for |v| beyond ~2^64 (fp32: 1.8e19; bf16
 // and fp32 inputs reach 3.4e38), and the squares lose their digits below ~2^-63 (subnormal), which
 // matters only when eps is as small (eps = 0). The forward computes the statistics directly and
-// checks the result (layer_norm_direct_ok); a row outside the range takes a second, rare pass:
-// v is divided by p = layer_norm_row_scale(max |v|), a power of two (so the scaling is exact), the
-// statistics are computed on v / p (|v / p| < 4) with eps / p^2, and mean = mean' * p,
+// checks them (layer_norm_direct_ok); a row outside the range takes a second, rare pass: v is
+// multiplied by scale = layer_norm_row_scale(max |v|) = 1 / p, p a power of two (so the scaling
+// is exact), the statistics are computed on v / p (|v / p| < 4) with eps / p^2, and mean = mean' p,
 // rstd = rstd' / p are the true ones (rstd may be subnormal: for |v| ~ 3e38 it is ~3e-39).
 // Backward computes x - mean as (x / 2 - mean / 2) * 2 in rows whose std exceeds 1
 // (layer_norm_centering), where x - mean could overflow.
@@ -23,7 +23,6 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 
 #include "common/dtypes.h"
 
@@ -35,29 +34,44 @@ HOST_DEVICE A layer_norm_rstd(A sum_of_squares, A cols, A eps) {
   return A(1) / sqrt(sum_of_squares / cols + eps);
 }
 
-// Whether the directly computed rstd is exact: variance + eps in [2^-100, 2^126] (fp32) or
-// [2^-958, 2^1022] (fp64), that is no overflow and no subnormal squares that matter. NaN: false.
+// Whether the direct statistics are exact: the sum of squares did not overflow (NaN: false) and
+// variance + eps >= 2^-100 (fp32; fp64 2^-958), where subnormal squares cannot matter.
 template <typename A>
-HOST_DEVICE bool layer_norm_direct_ok(A rstd) {
-  if constexpr (sizeof(A) == 4) return rstd >= 0x1p-63f && rstd <= 0x1p50f;
-  else return rstd >= 0x1p-511 && rstd <= 0x1p479;
+HOST_DEVICE bool layer_norm_direct_ok(A sum_of_squares, A cols, A eps) {
+  constexpr A kMax = sizeof(A) == 4 ? A(FLT_MAX) : A(DBL_MAX);
+  constexpr A kTiny = sizeof(A) == 4 ? A(0x1p-100f) : A(0x1p-958);
+  return sum_of_squares <= kMax && (eps >= kTiny || sum_of_squares >= kTiny * cols);
 }
 
-// The power of two p that the slow path divides a row by: top's (= max |v|) exponent,
-// 2^floor(log2 top), clamped to [2^-126, 2^126] (fp64: [2^-1022, 2^1022]) so that 1 / p is
-// normal and exact too. inf or NaN give 2^126, and the row's statistics stay inf / NaN.
+// The scale the slow path multiplies a row by: 1 / p, p = 2^floor(log2 top) (top = max |v|)
+// clamped to [2^-126, 2^126] (fp64: [2^-1022, 2^1022]), so that p and 1 / p are normal and the
+// scaling exact; inf or NaN give 2^-126. Built from the exponent bits, without a division
+// (whose slow path made the CUDA kernels use a stack frame). For a power of two in that range
+// it is the exact reciprocal: layer_norm_row_scale(scale) = p scales the statistics back.
 template <typename A>
 HOST_DEVICE A layer_norm_row_scale(A top) {
-  using Bits = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
-  constexpr Bits kExponent = sizeof(A) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
-  constexpr A kLow = sizeof(A) == 4 ? A(FLT_MIN) : A(DBL_MIN);
-  constexpr A kHigh = A(1) / kLow;
-  Bits bits;
-  std::memcpy(&bits, &top, sizeof(A));
-  bits &= kExponent;
-  A p;
-  std::memcpy(&p, &bits, sizeof(A));
-  return p < kLow ? kLow : (p > kHigh ? kHigh : p);
+  if constexpr (sizeof(A) == 4) {
+    const uint32_t exponent = (float_as_bits(top) >> 23) & 0xffu;
+    const uint32_t clamped = exponent < 1u ? 1u : (exponent > 253u ? 253u : exponent);
+    return bits_as_float((254u - clamped) << 23);
+  } else {
+    uint64_t bits;
+#if defined(__CUDA_ARCH__)
+    bits = static_cast<uint64_t>(__double_as_longlong(top));
+#else
+    std::memcpy(&bits, &top, 8);
+#endif
+    const uint64_t exponent = (bits >> 52) & 0x7ffu;
+    const uint64_t clamped = exponent < 1u ? 1u : (exponent > 2045u ? 2045u : exponent);
+    bits = (2046u - clamped) << 52;
+#if defined(__CUDA_ARCH__)
+    return __longlong_as_double(static_cast<long long>(bits));
+#else
+    A scale;
+    std::memcpy(&scale, &bits, 8);
+    return scale;
+#endif
+  }
 }
 
 // Backward's centering: xhat = (x * half - mean * half) * (rstd * twice) with (half, twice) =

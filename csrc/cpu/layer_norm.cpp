@@ -73,15 +73,16 @@ struct RowStatistics {
 // range again on v / p (three more passes; see csrc/common/layer_norm.h).
 template <typename A>
 static RowStatistics<A> row_statistics(const A* v, int64_t n, A eps, bool rms) {
-  A mean = rms ? A(0) : row_sum(v, n) / A(n);
-  A rstd = layer_norm_rstd(row_centered_sum_of_squares(v, mean, n), A(n), eps);
-  if (layer_norm_direct_ok(rstd)) return {mean, rstd, A(1)};
-  const A scale = A(1) / layer_norm_row_scale(row_max_abs(v, n));
+  const A mean = rms ? A(0) : row_sum(v, n) / A(n);
+  const A sum_of_squares = row_centered_sum_of_squares(v, mean, n);
+  if (layer_norm_direct_ok(sum_of_squares, A(n), eps)) return {mean, layer_norm_rstd(sum_of_squares, A(n), eps), A(1)};
+  const A scale = layer_norm_row_scale(row_max_abs(v, n));
   const auto scaled = [v, scale](int64_t j) { return v[j] * scale; };
-  mean = rms ? A(0) : row_reduce<A>(n, scaled) / A(n);
-  const auto square = [v, scale, mean](int64_t j) { return (v[j] * scale - mean) * (v[j] * scale - mean); };
-  rstd = layer_norm_rstd(row_reduce<A>(n, square), A(n), eps * scale * scale);
-  return {mean, rstd, scale};
+  const A scaled_mean = rms ? A(0) : row_reduce<A>(n, scaled) / A(n);
+  const auto square = [v, scale, scaled_mean](int64_t j) {
+    return (v[j] * scale - scaled_mean) * (v[j] * scale - scaled_mean);
+  };
+  return {scaled_mean, layer_norm_rstd(row_reduce<A>(n, square), A(n), eps * scale * scale), scale};
 }
 
 template <typename T>

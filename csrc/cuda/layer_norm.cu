@@ -64,47 +64,43 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
     if (kHeld) held[k] = v;
     total += v;
   }
-  A mean = args.rms ? A(0) : block_sum(total, scratch) / A(n);
-
-  A squares = 0;
+  // The statistics of v * scale: directly (scale = 1), and for the rare row outside the direct
+  // statistics' range a second time with scale = 1 / p, p a power of two (csrc/common/layer_norm.h).
+  // The block sums give every thread the same values, so the exit is uniform over the block. One
+  // loop rather than a copy of its body: a second division site gave ptxas's fp64 division
+  // subroutine a stack frame and spills.
+  A scale = 1, eps = args.eps, mean, sum_of_squares;
+#pragma unroll 1
+  for (int attempt = 0;; ++attempt) {
+    mean = args.rms ? A(0) : block_sum(total, scratch) / A(n);
+    A squares = 0;
 #pragma unroll
-  for (int k = 0; k < steps; ++k) {
-    const int j = threadIdx.x + k * kThreads;
-    if (j >= n) continue;
-    const A v = kHeld ? held[k] : load(source, j);
-    squares += (v - mean) * (v - mean);
-  }
-  A rstd = layer_norm_rstd(block_sum(squares, scratch), A(n), args.eps);
-  // Rare rows outside the direct statistics' range (csrc/common/layer_norm.h): again on v * scale,
-  // scale = 1 / p a power of two. rstd comes from block_sum, so the branch is uniform over the block.
-  A scale = 1;
-  if (!layer_norm_direct_ok(rstd)) {
+    for (int k = 0; k < steps; ++k) {
+      const int j = threadIdx.x + k * kThreads;
+      if (j >= n) continue;
+      const A d = (kHeld ? held[k] : load(source, j)) * scale - mean;
+      squares += d * d;
+    }
+    sum_of_squares = block_sum(squares, scratch);
+    if (attempt == 1 || layer_norm_direct_ok(sum_of_squares, A(n), eps)) break;
     A top = 0;
 #pragma unroll
     for (int k = 0; k < steps; ++k) {
       const int j = threadIdx.x + k * kThreads;
       if (j < n) top = fmax(top, fabs(kHeld ? held[k] : load(source, j)));
     }
-    scale = A(1) / layer_norm_row_scale(block_max(top, scratch));
-    A scaled_total = 0;
+    scale = layer_norm_row_scale(block_max(top, scratch));
+    eps *= scale * scale;
+    total = 0;
 #pragma unroll
     for (int k = 0; k < steps; ++k) {
       const int j = threadIdx.x + k * kThreads;
-      if (j < n) scaled_total += (kHeld ? held[k] : load(source, j)) * scale;
+      if (j < n) total += (kHeld ? held[k] : load(source, j)) * scale;
     }
-    mean = args.rms ? A(0) : block_sum(scaled_total, scratch) / A(n);
-    A scaled_squares = 0;
-#pragma unroll
-    for (int k = 0; k < steps; ++k) {
-      const int j = threadIdx.x + k * kThreads;
-      if (j >= n) continue;
-      const A d = (kHeld ? held[k] : load(source, j)) * scale - mean;
-      scaled_squares += d * d;
-    }
-    rstd = layer_norm_rstd(block_sum(scaled_squares, scratch), A(n), args.eps * scale * scale);
   }
+  const A rstd = layer_norm_rstd(sum_of_squares, A(n), eps);
   if (threadIdx.x == 0) {
-    if (args.mean) args.mean[r] = mean / scale;
+    if (args.mean) args.mean[r] = mean * layer_norm_row_scale(scale);  // layer_norm_row_scale(1 / p) = p
     args.rstd[r] = rstd * scale;
   }
 
