@@ -10,15 +10,15 @@ Memory traffic, [M, N] rows of s-byte elements (what bench/ counts as bytes move
     backward: reads 2*M*N*s (dy, x) [+ M*N*s dsum], writes M*N*s (dx), + P*N*4 partial dw/db
 
 Extreme rows (|v| up to the dtype's max, or eps = 0 with subnormal v), as in
-csrc/common/layer_norm.h: forward checks the directly computed rstd (_direct_ok) and, for the rare
-row outside its range, computes the statistics again on v / p, p = _row_scale(max |v|) a power of
-two, storing the row's true mean and rstd; backward centers x as (x / 2 - mean / 2) * 2 in rows
-whose std exceeds 1, where x - mean may overflow.
+csrc/common/layer_norm.h: forward checks the directly computed rstd (_direct_ok) and, for the
+rare row outside its range, computes the statistics again on v * _row_scale(max |v|) = v / p,
+p a power of two, storing the row's true mean and rstd; backward centers x as
+(x / 2 - mean / 2) * 2 in rows whose std exceeds 1, where x - mean may overflow.
 
 One program per row in forward. Rows up to BLOCK_N = MAX_BLOCK_N elements are held in
-registers and read once; wider rows are processed in BLOCK_N chunks over three passes. Backward
-programs each take a contiguous range of rows and accumulate dw/db for them in registers (one
-row of a [P, N] partial buffer each, summed by the launcher: no atomics).
+registers and read once; wider rows are processed in chunks of MAX_BLOCK_N_FORWARD / 2 over
+three passes. Backward programs each take a contiguous range of rows and accumulate dw/db for
+them in registers (one row of a [P, N] partial buffer each, summed by the launcher: no atomics).
 """
 from typing import Optional
 
@@ -34,8 +34,9 @@ MAX_BLOCK_N_BACKWARD = 4096
 TL_ACCUMULATOR = {torch.float64: tl.float64}   # everything else accumulates in fp32
 
 
-# layer_norm_direct_ok's range of the direct rstd (variance + eps in [2^-100, 2^126], fp64
-# [2^-958, 2^1022]) and layer_norm_row_scale's clamp (the normal range's ends), fp32 and fp64
+# The range of a directly computed rstd that is exact: variance + eps in [2^-100, 2^126] (fp64
+# [2^-958, 2^1022]), no overflow and no subnormal squares that matter (csrc/common/layer_norm.h's
+# layer_norm_direct_ok checks the same on the sum of squares); and layer_norm_row_scale's clamp
 _DIRECT_LOW_F32, _DIRECT_HIGH_F32 = tl.constexpr(2.0 ** -63), tl.constexpr(2.0 ** 50)
 _DIRECT_LOW_F64, _DIRECT_HIGH_F64 = tl.constexpr(2.0 ** -511), tl.constexpr(2.0 ** 479)
 _NORMAL_F32, _NORMAL_F64 = tl.constexpr(2.0 ** -126), tl.constexpr(2.0 ** -1022)
@@ -74,22 +75,27 @@ def _row_moments(v, mask, N, eps, RMS: tl.constexpr):
 
 
 @triton.jit
-def _chunked_moments(source, N, eps, scale, cols, RMS: tl.constexpr, BLOCK_N: tl.constexpr, ACC: tl.constexpr):
-    """(mean, rstd) of the row at `source` times scale, reading it in BLOCK_N chunks twice."""
+def _chunked_rescaled_moments(source, N, eps, RMS: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr):
+    """(mean, rstd, scale): the statistics of the row at `source` times scale = _row_scale(max |v|),
+    reading it three times in chunks of CHUNK."""
+    cols = tl.arange(0, CHUNK)
+    top = tl.zeros([CHUNK], dtype=ACC)
+    for start in range(0, N, CHUNK):
+        top = tl.maximum(top, tl.abs(tl.load(source + start + cols, mask=start + cols < N, other=0.0).to(ACC)))
+    scale = _row_scale(tl.max(top, axis=0), ACC)
     if RMS:
         mean = tl.zeros([], ACC)
     else:
-        partial = tl.zeros([BLOCK_N], dtype=ACC)
-        for start in range(0, N, BLOCK_N):
+        partial = tl.zeros([CHUNK], dtype=ACC)
+        for start in range(0, N, CHUNK):
             partial += tl.load(source + start + cols, mask=start + cols < N, other=0.0).to(ACC) * scale
         mean = tl.sum(partial, axis=0) / N
-    partial = tl.zeros([BLOCK_N], dtype=ACC)
-    for start in range(0, N, BLOCK_N):
+    partial = tl.zeros([CHUNK], dtype=ACC)
+    for start in range(0, N, CHUNK):
         mask = start + cols < N
-        v = tl.load(source + start + cols, mask=mask, other=0.0).to(ACC) * scale
-        centered = tl.where(mask, v - mean, 0.0)
+        centered = tl.where(mask, tl.load(source + start + cols, mask=mask, other=0.0).to(ACC) * scale - mean, 0.0)
         partial += centered * centered
-    return mean, 1.0 / tl.sqrt(tl.sum(partial, axis=0) / N + eps)
+    return mean, 1.0 / tl.sqrt(tl.sum(partial, axis=0) / N + eps * scale * scale), scale
 
 
 @triton.jit
@@ -163,11 +169,7 @@ def _layer_norm_fwd_kernel(
         rstd = 1.0 / tl.sqrt(tl.sum(partial, axis=0) / N + eps)
         scale = tl.full([], 1.0, ACC)
         if not _direct_ok(rstd, ACC):  # rare: see the module docstring
-            top = tl.zeros([BLOCK_N], dtype=ACC)
-            for start in range(0, N, BLOCK_N):
-                top = tl.maximum(top, tl.abs(tl.load(source + start + cols, mask=start + cols < N, other=0.0).to(ACC)))
-            scale = _row_scale(tl.max(top, axis=0), ACC)
-            mean, rstd = _chunked_moments(source, N, eps * scale * scale, scale, cols, RMS, BLOCK_N, ACC)
+            mean, rstd, scale = _chunked_rescaled_moments(source, N, eps, RMS, BLOCK_N, ACC)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
             v = tl.load(source + start + cols, mask=mask, other=0.0).to(ACC)
@@ -298,9 +300,14 @@ def _row_stride(x2d: torch.Tensor) -> int:
 
 
 def _forward_config(n: int) -> tuple[int, bool, int]:
-    """(BLOCK_N, ONE_PASS, num_warps) for rows of n elements."""
-    block = min(next_power_of_2(n), MAX_BLOCK_N_FORWARD)
-    return block, n <= block, row_num_warps(block)
+    """(BLOCK_N, ONE_PASS, num_warps) for rows of n elements. Wider rows go in chunks of half the
+    widest held row, still with 16 warps: in chunks of MAX_BLOCK_N_FORWARD the rare rescaling
+    pass (_chunked_rescaled_moments) made add_layer_norm_fwd fp32 spill on sm80 and sm90
+    (python -m engine.readiness --kernels N=65536)."""
+    if n <= MAX_BLOCK_N_FORWARD:
+        block = next_power_of_2(n)
+        return block, True, row_num_warps(block)
+    return MAX_BLOCK_N_FORWARD // 2, False, row_num_warps(MAX_BLOCK_N_FORWARD)
 
 
 def _backward_config(n: int) -> tuple[int, bool, int]:
