@@ -322,7 +322,8 @@ def test_linear_propagates_inf_and_nan_as_torch(activation, dtype, backend, devi
     y = EF.linear(x, w, b, None if activation == "none" else activation, backend=backend)
     y64 = linear64(x.detach(), w, b, activation)
     assert torch.equal(torch.isnan(y), torch.isnan(y64)), f"NaN at\n{torch.isnan(y)}\ntorch:\n{torch.isnan(y64)}"
-    assert torch.equal(torch.isinf(y), torch.isinf(y64)) and torch.equal(y[torch.isinf(y)], y64[torch.isinf(y64)].to(dtype))
+    assert torch.equal(torch.isinf(y), torch.isinf(y64))
+    assert torch.equal(y[torch.isinf(y)], y64[torch.isinf(y64)].to(dtype))
     finite = torch.isfinite(y64)
     assert_close_relative(y[finite], y64[finite], dtype, "y")
     # dx of the normal row and the NaN row (relu's and none's slope at NaN is 0 / 1 in torch)
@@ -396,14 +397,16 @@ def poisoned_attention(where, dtype, backend, device):
     poisoned[0, 1, 2, 5] = -float("inf")
     inputs = [t.requires_grad_() for t in inputs]
     dout = torch.randn(poisoned.shape, generator=torch.Generator().manual_seed(12)).to(dtype=dtype, device=device)
-    return attention_and_grads(*inputs, dout, backend, causal=True), attention_and_grads(*inputs, dout, None, causal=True)
+    ours = attention_and_grads(*inputs, dout, backend, causal=True)
+    return ours, attention_and_grads(*inputs, dout, None, causal=True)
 
 
 def assert_nan_and_inf_as_torch(names, ours, expected, dtype):
     """NaN and inf exactly where torch has them, finite values close to torch's."""
     for name, actual, true in zip(names, ours, expected):
         true = true.detach()
-        assert torch.equal(torch.isnan(actual), torch.isnan(true)), f"{name}: NaN at\n{torch.isnan(actual)}\ntorch:\n{torch.isnan(true)}"
+        nan, true_nan = torch.isnan(actual), torch.isnan(true)
+        assert torch.equal(nan, true_nan), f"{name}: NaN at\n{nan}\ntorch:\n{true_nan}"
         assert torch.equal(torch.isinf(actual), torch.isinf(true)), f"{name}: inf at\n{actual}\ntorch:\n{true}"
         finite = torch.isfinite(true)
         if finite.any():
