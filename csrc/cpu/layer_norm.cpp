@@ -131,8 +131,13 @@ void layer_norm_forward(const LayerNormForwardArgs<T>& args, int num_threads) {
       args.rstd[r] = rstd * stats.scale;
       A* y = addend.data();
       const A scale = stats.scale;
+      if (scale == A(1)) {  // every ordinary row: the loop without the scaling multiply
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) y[j] = (v[j] * scale - mean) * rstd * w[j] + b[j];
+        for (int64_t j = 0; j < n; ++j) y[j] = (v[j] - mean) * rstd * w[j] + b[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) y[j] = (v[j] * scale - mean) * rstd * w[j] + b[j];
+      }
       write_row(y, args.y + r * n, n, streaming);
     }
     if (streaming) finish_streaming();
