@@ -29,15 +29,31 @@ def layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], 
     """
     total = x if residual is None else x + residual
     v = total.to(accumulator_dtype(x.dtype))
-    mean = torch.zeros_like(v[..., 0]) if rms else v.mean(-1)
-    centered = v - mean.unsqueeze(-1)
-    rstd = torch.rsqrt(centered.square().mean(-1) + eps)
-    y = centered * rstd.unsqueeze(-1)
+    # The statistics are computed on v / p, p the power of two of max |v| (clamped to the normal
+    # range, as csrc/common/layer_norm.h's layer_norm_row_scale): exact, and the sums cannot
+    # overflow (|v| up to the dtype's max) or lose the squares to subnormals (eps = 0). The
+    # kernels do this only for rows whose direct statistics fall outside that range.
+    top = v.abs().amax(-1, keepdim=True) if v.shape[-1] > 0 else v.new_ones(*v.shape[:-1], 1)  # rows of 0: any
+    scale = 1.0 / _power_of_two_below(top)
+    scaled = v * scale
+    mean = torch.zeros_like(scaled) if rms else scaled.mean(-1, keepdim=True)
+    centered = scaled - mean
+    rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps * scale * scale)
+    y = centered * rstd
+    mean, rstd = (mean / scale).squeeze(-1), (rstd * scale).squeeze(-1)
     if weight is not None:
         y = y * weight.to(v.dtype)
     if bias is not None:
         y = y + bias.to(v.dtype)
     return y.to(x.dtype), (None if residual is None else total), mean, rstd
+
+
+def _power_of_two_below(top: Tensor) -> Tensor:
+    """2^floor(log2 top) (top's exponent bits), clamped to [smallest normal, 1 / smallest normal]
+    of top's dtype (fp32 or fp64), so that its reciprocal is exact too; inf and NaN give the top."""
+    bits, mask = (torch.int32, 0x7F800000) if top.dtype == torch.float32 else (torch.int64, 0x7FF0000000000000)
+    tiny = torch.finfo(top.dtype).tiny
+    return (top.view(bits) & mask).view(top.dtype).clamp(tiny, 1.0 / tiny)
 
 
 def layer_norm_backward(grad_y: Tensor, grad_sum: Optional[Tensor], x: Tensor, weight: Optional[Tensor],
@@ -48,8 +64,11 @@ def layer_norm_backward(grad_y: Tensor, grad_sum: Optional[Tensor], x: Tensor, w
     Returns (dx [M, N], dweight [N] or None, dbias [N] or None)."""
     acc = rstd.dtype
     dy = grad_y.to(acc)
-    centered = x.to(acc) if rms else x.to(acc) - mean.unsqueeze(-1)
-    xhat = centered * rstd.unsqueeze(-1)
+    # x - mean as (x / 2 - mean / 2) * 2 where it could overflow (csrc/common/layer_norm.h's
+    # layer_norm_centering): in rows whose std exceeds 1
+    half = torch.where(rstd < 1.0, 0.5, 1.0).unsqueeze(-1)
+    centered = x.to(acc) * half if rms else x.to(acc) * half - mean.unsqueeze(-1) * half
+    xhat = centered * (rstd.unsqueeze(-1) / half)
     g = dy if weight is None else dy * weight.to(acc)
     dx = g - xhat * (g * xhat).mean(-1, keepdim=True)
     if not rms:

@@ -9,10 +9,16 @@ Memory traffic, [M, N] rows of s-byte elements (what bench/ counts as bytes move
     forward:  reads M*N*s (x) [+ M*N*s residual], writes M*N*s (y) [+ M*N*s sum]
     backward: reads 2*M*N*s (dy, x) [+ M*N*s dsum], writes M*N*s (dx), + P*N*4 partial dw/db
 
+Extreme rows (|v| up to the dtype's max, or eps = 0 with subnormal v), as in
+csrc/common/layer_norm.h: forward checks the directly computed rstd (_direct_ok) and, for the
+rare row outside its range, computes the statistics again on v * _row_scale(max |v|) = v / p,
+p a power of two, storing the row's true mean and rstd; backward centers x as
+(x / 2 - mean / 2) * 2 in rows whose std exceeds 1, where x - mean may overflow.
+
 One program per row in forward. Rows up to BLOCK_N = MAX_BLOCK_N elements are held in
-registers and read once; wider rows are processed in BLOCK_N chunks over three passes. Backward
-programs each take a contiguous range of rows and accumulate dw/db for them in registers (one
-row of a [P, N] partial buffer each, summed by the launcher: no atomics).
+registers and read once; wider rows are processed in chunks of MAX_BLOCK_N_FORWARD / 2 over
+three passes. Backward programs each take a contiguous range of rows and accumulate dw/db for
+them in registers (one row of a [P, N] partial buffer each, summed by the launcher: no atomics).
 """
 from typing import Optional
 
@@ -26,6 +32,70 @@ from engine.ops.common import dtype_reason
 MAX_BLOCK_N_FORWARD = 8192
 MAX_BLOCK_N_BACKWARD = 4096
 TL_ACCUMULATOR = {torch.float64: tl.float64}   # everything else accumulates in fp32
+
+
+# The range of a directly computed rstd that is exact: variance + eps in [2^-100, 2^126] (fp64
+# [2^-958, 2^1022]), no overflow and no subnormal squares that matter (csrc/common/layer_norm.h's
+# layer_norm_direct_ok checks the same on the sum of squares); and layer_norm_row_scale's clamp
+_DIRECT_LOW_F32, _DIRECT_HIGH_F32 = tl.constexpr(2.0 ** -63), tl.constexpr(2.0 ** 50)
+_DIRECT_LOW_F64, _DIRECT_HIGH_F64 = tl.constexpr(2.0 ** -511), tl.constexpr(2.0 ** 479)
+_NORMAL_F32, _NORMAL_F64 = tl.constexpr(2.0 ** -126), tl.constexpr(2.0 ** -1022)
+
+
+@triton.jit
+def _direct_ok(rstd, ACC: tl.constexpr):
+    """Whether rstd computed directly is exact (no overflow, no subnormal squares that matter)."""
+    if ACC == tl.float64:
+        return (rstd >= _DIRECT_LOW_F64) & (rstd <= _DIRECT_HIGH_F64)
+    else:
+        return (rstd >= _DIRECT_LOW_F32) & (rstd <= _DIRECT_HIGH_F32)
+
+
+@triton.jit
+def _row_scale(top, ACC: tl.constexpr):
+    """The reciprocal of p = 2^floor(log2 top) (top's exponent bits), p clamped to the normal
+    range's [smallest, 1 / smallest] so that both are exact; inf / NaN top gives the smallest."""
+    if ACC == tl.float64:
+        p = (top.to(tl.int64, bitcast=True) & 0x7FF0000000000000).to(tl.float64, bitcast=True)
+        return 1.0 / tl.minimum(tl.maximum(p, _NORMAL_F64), 1.0 / _NORMAL_F64)
+    else:
+        p = (top.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+        return 1.0 / tl.minimum(tl.maximum(p, _NORMAL_F32), 1.0 / _NORMAL_F32)
+
+
+@triton.jit
+def _row_moments(v, mask, N, eps, RMS: tl.constexpr):
+    """(mean, rstd, v - mean with 0 past the row's end) of a row v held in registers."""
+    if RMS:
+        mean = tl.zeros([], v.dtype)
+    else:
+        mean = tl.sum(v, axis=0) / N
+    centered = tl.where(mask, v - mean, 0.0)
+    return mean, 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps), centered
+
+
+@triton.jit
+def _chunked_rescaled_moments(source, N, eps, RMS: tl.constexpr, CHUNK: tl.constexpr, ACC: tl.constexpr):
+    """(mean, rstd, scale): the statistics of the row at `source` times scale = _row_scale(max |v|),
+    reading it three times in chunks of CHUNK."""
+    cols = tl.arange(0, CHUNK)
+    top = tl.zeros([CHUNK], dtype=ACC)
+    for start in range(0, N, CHUNK):
+        top = tl.maximum(top, tl.abs(tl.load(source + start + cols, mask=start + cols < N, other=0.0).to(ACC)))
+    scale = _row_scale(tl.max(top, axis=0), ACC)
+    if RMS:
+        mean = tl.zeros([], ACC)
+    else:
+        partial = tl.zeros([CHUNK], dtype=ACC)
+        for start in range(0, N, CHUNK):
+            partial += tl.load(source + start + cols, mask=start + cols < N, other=0.0).to(ACC) * scale
+        mean = tl.sum(partial, axis=0) / N
+    partial = tl.zeros([CHUNK], dtype=ACC)
+    for start in range(0, N, CHUNK):
+        mask = start + cols < N
+        centered = tl.where(mask, tl.load(source + start + cols, mask=mask, other=0.0).to(ACC) * scale - mean, 0.0)
+        partial += centered * centered
+    return mean, 1.0 / tl.sqrt(tl.sum(partial, axis=0) / N + eps * scale * scale), scale
 
 
 @triton.jit
@@ -58,12 +128,11 @@ def _layer_norm_fwd_kernel(
             total = (v + tl.load(r_row + cols, mask=mask, other=0.0).to(ACC)).to(S.dtype.element_ty)
             tl.store(s_row + cols, total, mask=mask)
             v = total.to(ACC)
-        if RMS:
-            mean = 0.0
-        else:
-            mean = tl.sum(v, axis=0) / N
-        centered = tl.where(mask, v - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / N + eps)
+        mean, rstd, centered = _row_moments(v, mask, N, eps, RMS)
+        scale = tl.full([], 1.0, ACC)
+        if not _direct_ok(rstd, ACC):  # rare: see the module docstring
+            scale = _row_scale(tl.max(tl.abs(v), axis=0), ACC)
+            mean, rstd, centered = _row_moments(v * scale, mask, N, eps * scale * scale, RMS)
         y = centered * rstd
         if HAS_WEIGHT:
             y = y * tl.load(W + cols, mask=mask, other=0.0).to(ACC)
@@ -88,7 +157,7 @@ def _layer_norm_fwd_kernel(
         else:
             source = x_row
         if RMS:
-            mean = 0.0
+            mean = tl.zeros([], ACC)
         else:
             mean = tl.sum(partial, axis=0) / N
         partial = tl.zeros([BLOCK_N], dtype=ACC)
@@ -98,18 +167,30 @@ def _layer_norm_fwd_kernel(
             centered = tl.where(mask, v - mean, 0.0)
             partial += centered * centered
         rstd = 1.0 / tl.sqrt(tl.sum(partial, axis=0) / N + eps)
+        scale = tl.full([], 1.0, ACC)
+        if not _direct_ok(rstd, ACC):  # rare: see the module docstring
+            mean, rstd, scale = _chunked_rescaled_moments(source, N, eps, RMS, BLOCK_N, ACC)
         for start in range(0, N, BLOCK_N):
             mask = start + cols < N
             v = tl.load(source + start + cols, mask=mask, other=0.0).to(ACC)
-            y = (v - mean) * rstd
+            y = (v * scale - mean) * rstd
             if HAS_WEIGHT:
                 y = y * tl.load(W + start + cols, mask=mask, other=0.0).to(ACC)
             if HAS_BIAS:
                 y = y + tl.load(B + start + cols, mask=mask, other=0.0).to(ACC)
             tl.store(y_row + start + cols, y.to(Y.dtype.element_ty), mask=mask)
     if not RMS:
-        tl.store(Mean + row, mean)
-    tl.store(Rstd + row, rstd)
+        tl.store(Mean + row, mean / scale)
+    tl.store(Rstd + row, rstd * scale)
+
+
+@triton.jit
+def _centering(mean, rstd):
+    """(half, mean * half, rstd / half), half = 1/2 where rstd < 1 (std > 1), else 1:
+    xhat = (x * half - mean * half) * (rstd / half) cannot overflow (|x|, |mean| <= max), and
+    is exact for normal x. (RMS norm's x * rstd needs none of this: |x| rstd <= sqrt(N).)"""
+    small = rstd < 1.0
+    return tl.where(small, 0.5, 1.0), tl.where(small, mean * 0.5, mean), tl.where(small, rstd * 2.0, rstd)
 
 
 @triton.jit
@@ -146,7 +227,8 @@ def _layer_norm_bwd_kernel(
             if RMS:
                 xhat = x * rstd
             else:
-                xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+                half, half_mean, rstd_twice = _centering(tl.load(Mean + row), rstd)
+                xhat = tl.where(mask, (x * half - half_mean) * rstd_twice, 0.0)
             g = dy
             if HAS_WEIGHT:
                 g = dy * w
@@ -170,9 +252,9 @@ def _layer_norm_bwd_kernel(
         for row in range(first_row, last_row):
             rstd = tl.load(Rstd + row)
             if RMS:
-                mean = 0.0
+                half, half_mean, rstd_twice = 1.0, 0.0, rstd
             else:
-                mean = tl.load(Mean + row)
+                half, half_mean, rstd_twice = _centering(tl.load(Mean + row), rstd)
             g_xhat = tl.zeros([BLOCK_N], dtype=ACC)
             g_total = tl.zeros([BLOCK_N], dtype=ACC)
             for start in range(0, N, BLOCK_N):
@@ -181,7 +263,7 @@ def _layer_norm_bwd_kernel(
                 g = tl.load(DY + row * N + start + cols, mask=mask, other=0.0).to(ACC)
                 if HAS_WEIGHT:
                     g = g * tl.load(W + start + cols, mask=mask, other=0.0).to(ACC)
-                g_xhat += g * tl.where(mask, (x - mean) * rstd, 0.0)
+                g_xhat += g * tl.where(mask, (x * half - half_mean) * rstd_twice, 0.0)
                 g_total += g
             c1 = tl.sum(g_xhat, axis=0) / N
             if RMS:
@@ -192,7 +274,7 @@ def _layer_norm_bwd_kernel(
                 mask = start + cols < N
                 x = tl.load(X + row * stride_x + start + cols, mask=mask, other=0.0).to(ACC)
                 dy = tl.load(DY + row * N + start + cols, mask=mask, other=0.0).to(ACC)
-                xhat = tl.where(mask, (x - mean) * rstd, 0.0)
+                xhat = tl.where(mask, (x * half - half_mean) * rstd_twice, 0.0)
                 g = dy
                 if HAS_WEIGHT:
                     g = g * tl.load(W + start + cols, mask=mask, other=0.0).to(ACC)
@@ -218,9 +300,14 @@ def _row_stride(x2d: torch.Tensor) -> int:
 
 
 def _forward_config(n: int) -> tuple[int, bool, int]:
-    """(BLOCK_N, ONE_PASS, num_warps) for rows of n elements."""
-    block = min(next_power_of_2(n), MAX_BLOCK_N_FORWARD)
-    return block, n <= block, row_num_warps(block)
+    """(BLOCK_N, ONE_PASS, num_warps) for rows of n elements. Wider rows go in chunks of half the
+    widest held row, still with 16 warps: in chunks of MAX_BLOCK_N_FORWARD the rare rescaling
+    pass (_chunked_rescaled_moments) made add_layer_norm_fwd fp32 spill on sm80 and sm90
+    (python -m engine.readiness --kernels N=65536)."""
+    if n <= MAX_BLOCK_N_FORWARD:
+        block = next_power_of_2(n)
+        return block, True, row_num_warps(block)
+    return MAX_BLOCK_N_FORWARD // 2, False, row_num_warps(MAX_BLOCK_N_FORWARD)
 
 
 def _backward_config(n: int) -> tuple[int, bool, int]:

@@ -85,11 +85,11 @@ def _dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, AC
 @triton.jit
 def _gelu_tanh_parts(x):
     """(s, e) with s = (1 + tanh(u)) / 2 = 1 / (1 + e), e = exp(-2u), u = sqrt(2/pi) (x + 0.044715 x^3):
-    torch's tanh-form GeLU is x * s. One exp, and no cancellation: 1 - s = e * s exactly, where
-    1 - tanh(u)^2 computed directly loses digits as s -> 1. The exponent is capped at 80 (e stays
-    finite in fp32; s = 1.8e-35 there, and below it the GeLU is smaller still)."""
+    torch's tanh-form GeLU is x * s. One exp, and no cancellation as s -> 1. e is left to overflow
+    (x^3 too): past x ~ -10 in fp32 e = inf and s = 0, the rounding of the true s (GeLU(-3e38) is
+    -0; capping e at exp(80) once gave -5414.5 there)."""
     u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    e = tl.exp(tl.minimum(-2.0 * u, 80.0))
+    e = tl.exp(-2.0 * u)
     return 1.0 / (1.0 + e), e
 
 
@@ -102,7 +102,7 @@ def _activate(x, ACTIVATION: tl.constexpr):
         s, _ = _gelu_tanh_parts(x)
         return x * s
     elif ACTIVATION == "relu":
-        return tl.maximum(x, 0.0)
+        return tl.where(x < 0.0, 0.0, x)  # NaN is not < 0: it propagates, as torch's relu (tl.maximum drops it)
     else:
         return x
 
@@ -117,9 +117,12 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == "gelu_tanh":
         # y = x s, s = sigmoid(2u), u = c (x + a x^3): y' = s + x * 2 s (1 - s) c (1 + 3 a x^2)
         # (= (1 + t) / 2 + x (1 - t^2) c (1 + 3 a x^2) / 2 of the reference, t = tanh(u) = 2s - 1),
-        # with s (1 - s) = e s^2
+        # with s (1 - s) = e / (1 + e)^2 = 1 / (e + 2 + 1 / e): no cancellation, and 0 (not
+        # inf * 0) where e is 0 or inf. x^2 is capped at 1e4 in the last factor, where |x| > 100
+        # already makes s (1 - s) = 0, so that x^2 = inf (|x| > 1.8e19 in fp32) gives 0, not NaN.
         s, e = _gelu_tanh_parts(x)
-        return s + x * (e * s * s) * (2.0 * 0.7978845608028654) * (1.0 + 0.134145 * x * x)
+        gate_slope = 1.0 / (e + 2.0 + 1.0 / e)
+        return s + x * gate_slope * (2.0 * 0.7978845608028654) * (1.0 + 0.134145 * tl.minimum(x * x, 1e4))
     elif ACTIVATION == "relu":
         return tl.where(x > 0, 1.0, 0.0)
     else:

@@ -116,11 +116,6 @@ def test_gelu_over_the_whole_finite_range(approximate, backend, device):
     far left, x and 1 far right; no NaN, no overflow of x^3 (the tanh form's -3e38 once gave -30 on
     cpu and -5414.5 on triton). The fused linear epilogue uses the same code."""
     skip_unless_runs(backend, device)
-    if backend == "triton" and approximate == "tanh":
-        # Still wrong on triton (issue 11, open): clamping x and zeroing the gate past the exponent
-        # cap, as the reference and C++ now do, made three readiness cases spill (linear_bwd_dw
-        # gelu_tanh+dropout on sm80 and gfx942, gelu_fwd fp64 on sm90), so that fix was taken back.
-        pytest.xfail("triton's tanh-form GeLU past |x| ~ 10 is not fixed yet")
     x = torch.tensor([-3e38, -1e5, -25.0, -10.0, -3.0, -1e-30, 0.0, 1e-30, 3.0, 10.0, 25.0, 1e5, 3e38],
                      device=device, requires_grad=True)
     y = EF.gelu(x, approximate, backend=backend)

@@ -7,6 +7,8 @@
 
 #include <omp.h>
 
+#include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -41,6 +43,46 @@ static A row_sum(const A* v, int64_t n) {
 template <typename A>
 static A row_centered_sum_of_squares(const A* v, A center, int64_t n) {
   return row_reduce<A>(n, [v, center](int64_t j) { return (v[j] - center) * (v[j] - center); });
+}
+
+template <typename A>
+static A row_max_abs(const A* v, int64_t n) {
+  A top[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+#pragma omp simd
+    for (int lane = 0; lane < kLanes; ++lane) top[lane] = std::max(top[lane], std::abs(v[j + lane]));
+  }
+  A total = 0;
+  for (; j < n; ++j) total = std::max(total, std::abs(v[j]));
+  for (int lane = 0; lane < kLanes; ++lane) total = std::max(total, top[lane]);
+  return total;
+}
+
+// The mean and rstd of v * scale (scale = 1, or 1 / p on the slow path), from which
+// y = (v[j] * scale - mean) * rstd * w + b; the row's own statistics, which the op stores, are
+// mean / scale and rstd * scale (exact: scale is a power of two).
+template <typename A>
+struct RowStatistics {
+  A mean;
+  A rstd;
+  A scale;
+};
+
+// Directly (two passes over v, in L1/L2), and for the rare rows outside layer_norm_direct_ok's
+// range again on v / p (three more passes; see csrc/common/layer_norm.h).
+template <typename A>
+static RowStatistics<A> row_statistics(const A* v, int64_t n, A eps, bool rms) {
+  const A mean = rms ? A(0) : row_sum(v, n) / A(n);
+  const A sum_of_squares = row_centered_sum_of_squares(v, mean, n);
+  if (layer_norm_direct_ok(sum_of_squares, A(n), eps)) return {mean, layer_norm_rstd(sum_of_squares, A(n), eps), A(1)};
+  const A scale = layer_norm_row_scale(row_max_abs(v, n));
+  const auto scaled = [v, scale](int64_t j) { return v[j] * scale; };
+  const A scaled_mean = rms ? A(0) : row_reduce<A>(n, scaled) / A(n);
+  const auto square = [v, scale, scaled_mean](int64_t j) {
+    return (v[j] * scale - scaled_mean) * (v[j] * scale - scaled_mean);
+  };
+  return {scaled_mean, layer_norm_rstd(row_reduce<A>(n, square), A(n), eps * scale * scale), scale};
 }
 
 template <typename T>
@@ -83,13 +125,19 @@ void layer_norm_forward(const LayerNormForwardArgs<T>& args, int num_threads) {
       } else {
         v = row_as_acc(x_row, buffer.data(), n);
       }
-      const A mean = args.rms ? A(0) : row_sum(v, n) / A(n);
-      const A rstd = layer_norm_rstd(row_centered_sum_of_squares(v, mean, n), A(n), args.eps);
-      if (args.mean) args.mean[r] = mean;
-      args.rstd[r] = rstd;
+      const RowStatistics<A> stats = row_statistics(v, n, args.eps, args.rms);
+      const A mean = stats.mean, rstd = stats.rstd;
+      if (args.mean) args.mean[r] = mean / stats.scale;
+      args.rstd[r] = rstd * stats.scale;
       A* y = addend.data();
+      const A scale = stats.scale;
+      if (scale == A(1)) {  // every ordinary row: the loop without the scaling multiply
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) y[j] = (v[j] - mean) * rstd * w[j] + b[j];
+        for (int64_t j = 0; j < n; ++j) y[j] = (v[j] - mean) * rstd * w[j] + b[j];
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) y[j] = (v[j] * scale - mean) * rstd * w[j] + b[j];
+      }
       write_row(y, args.y + r * n, n, streaming);
     }
     if (streaming) finish_streaming();
@@ -126,8 +174,10 @@ void layer_norm_backward(const LayerNormBackwardArgs<T>& args, int num_threads) 
       }
       const A* x = row_as_acc(x_row, x_buffer.data(), n);
       const A* dy = row_as_acc(dy_row, dy_buffer.data(), n);
-      const A mean = args.rms ? A(0) : args.mean[r];
       const A rstd = args.rstd[r];
+      // xhat = (x * half - half_mean) * rstd_twice (see layer_norm_centering)
+      const LayerNormCentering<A> centering = layer_norm_centering(args.rms ? A(0) : args.mean[r], rstd);
+      const A half = centering.half, half_mean = centering.half_mean, rstd_twice = centering.rstd_twice;
 
       // Pass 1: the row sums of g * xhat and g (g = dy * w) in kLanes independent partial sums
       // (see row_reduce), and this row's share of the weight and bias gradients.
@@ -137,7 +187,7 @@ void layer_norm_backward(const LayerNormBackwardArgs<T>& args, int num_threads) 
 #pragma omp simd
         for (int lane = 0; lane < kLanes; ++lane) {
           const int64_t k = j + lane;
-          const A xhat = (x[k] - mean) * rstd;
+          const A xhat = (x[k] * half - half_mean) * rstd_twice;
           const A g = dy[k] * w[k];
           g_xhat_lanes[lane] += g * xhat;
           g_lanes[lane] += g;
@@ -147,7 +197,7 @@ void layer_norm_backward(const LayerNormBackwardArgs<T>& args, int num_threads) 
       }
       A g_xhat = 0, g_total = 0;
       for (; j < n; ++j) {
-        const A xhat = (x[j] - mean) * rstd;
+        const A xhat = (x[j] * half - half_mean) * rstd_twice;
         const A g = dy[j] * w[j];
         g_xhat += g * xhat;
         g_total += g;
@@ -168,11 +218,11 @@ void layer_norm_backward(const LayerNormBackwardArgs<T>& args, int num_threads) 
         const A* dsum = row_as_acc(args.dsum + r * n, dsum_buffer.data(), n);
 #pragma omp simd
         for (int64_t k = 0; k < n; ++k)
-          dx[k] = layer_norm_input_grad(dy[k] * w[k], (x[k] - mean) * rstd, c1, c2, rstd) + dsum[k];
+          dx[k] = layer_norm_input_grad(dy[k] * w[k], (x[k] * half - half_mean) * rstd_twice, c1, c2, rstd) + dsum[k];
       } else {
 #pragma omp simd
         for (int64_t k = 0; k < n; ++k)
-          dx[k] = layer_norm_input_grad(dy[k] * w[k], (x[k] - mean) * rstd, c1, c2, rstd);
+          dx[k] = layer_norm_input_grad(dy[k] * w[k], (x[k] * half - half_mean) * rstd_twice, c1, c2, rstd);
       }
       write_row(dx, args.dx + r * n, n, streaming);
     }

@@ -21,6 +21,19 @@ __device__ __forceinline__ acc_t<T> load(const T* row, int64_t j) {
   return to_acc(row[j]);
 }
 
+// The maximum of `value` over the block, on every thread (as block_sum).
+template <typename A>
+__device__ A block_max(A value, A* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  value = lane < warps ? scratch[lane] : A(0);
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  __syncthreads();
+  return value;
+}
+
 // Forward for one row in block blockIdx.x. kHeld: the row fits in registers (at most
 // kThreads * kMaxPerThread elements) and the loops unroll over the held slice; otherwise the
 // later passes re-read the row from global memory (L2).
@@ -51,20 +64,44 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
     if (kHeld) held[k] = v;
     total += v;
   }
-  const A mean = args.rms ? A(0) : block_sum(total, scratch) / A(n);
-
-  A squares = 0;
+  // The statistics of v * scale: directly (scale = 1), and for the rare row outside the direct
+  // statistics' range a second time with scale = 1 / p, p a power of two (csrc/common/layer_norm.h).
+  // The block sums give every thread the same values, so the exit is uniform over the block. One
+  // loop rather than a copy of its body: a second division site gave ptxas's fp64 division
+  // subroutine a stack frame and spills.
+  A scale = 1, eps = args.eps, mean, sum_of_squares;
+#pragma unroll 1
+  for (int attempt = 0;; ++attempt) {
+    mean = args.rms ? A(0) : block_sum(total, scratch) / A(n);
+    A squares = 0;
 #pragma unroll
-  for (int k = 0; k < steps; ++k) {
-    const int j = threadIdx.x + k * kThreads;
-    if (j >= n) continue;
-    const A v = kHeld ? held[k] : load(source, j);
-    squares += (v - mean) * (v - mean);
+    for (int k = 0; k < steps; ++k) {
+      const int j = threadIdx.x + k * kThreads;
+      if (j >= n) continue;
+      const A d = (kHeld ? held[k] : load(source, j)) * scale - mean;
+      squares += d * d;
+    }
+    sum_of_squares = block_sum(squares, scratch);
+    if (attempt == 1 || layer_norm_direct_ok(sum_of_squares, A(n), eps)) break;
+    A top = 0;
+#pragma unroll
+    for (int k = 0; k < steps; ++k) {
+      const int j = threadIdx.x + k * kThreads;
+      if (j < n) top = fmax(top, fabs(kHeld ? held[k] : load(source, j)));
+    }
+    scale = layer_norm_row_scale(block_max(top, scratch));
+    eps *= scale * scale;
+    total = 0;
+#pragma unroll
+    for (int k = 0; k < steps; ++k) {
+      const int j = threadIdx.x + k * kThreads;
+      if (j < n) total += (kHeld ? held[k] : load(source, j)) * scale;
+    }
   }
-  const A rstd = layer_norm_rstd(block_sum(squares, scratch), A(n), args.eps);
+  const A rstd = layer_norm_rstd(sum_of_squares, A(n), eps);
   if (threadIdx.x == 0) {
-    if (args.mean) args.mean[r] = mean;
-    args.rstd[r] = rstd;
+    if (args.mean) args.mean[r] = mean * layer_norm_row_scale(scale);  // layer_norm_row_scale(1 / p) = p
+    args.rstd[r] = rstd * scale;
   }
 
 #pragma unroll
@@ -72,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(LayerNormF
     const int j = threadIdx.x + k * kThreads;
     if (j >= n) continue;
     const A v = kHeld ? held[k] : load(source, j);
-    A out = (v - mean) * rstd;
+    A out = (v * scale - mean) * rstd;
     if (args.weight) out *= load(args.weight, j);
     if (args.bias) out += load(args.bias, j);
     args.y[r * n + j] = from_acc<T>(out);
@@ -91,11 +128,12 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
   for (int64_t r = blockIdx.x; r < args.rows; r += gridDim.x) {
     const T* x = args.x + r * args.x_stride;
     const T* dy = args.dy + r * n;
-    const A mean = args.rms ? A(0) : args.mean[r];
     const A rstd = args.rstd[r];
+    // xhat = (x * half - half_mean) * rstd_twice (see layer_norm_centering)
+    const LayerNormCentering<A> c = layer_norm_centering(args.rms ? A(0) : args.mean[r], rstd);
     A g_xhat = 0, g_total = 0;
     for (int j = threadIdx.x; j < n; j += kThreads) {
-      const A xhat = (load(x, j) - mean) * rstd;
+      const A xhat = (load(x, j) * c.half - c.half_mean) * c.rstd_twice;
       const A g = load(dy, j) * (args.weight ? load(args.weight, j) : A(1));
       g_xhat += g * xhat;
       g_total += g;
@@ -103,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(LayerNorm
     const A c1 = block_sum(g_xhat, scratch) / A(n);
     const A c2 = args.rms ? A(0) : block_sum(g_total, scratch) / A(n);
     for (int j = threadIdx.x; j < n; j += kThreads) {
-      const A xhat = (load(x, j) - mean) * rstd;
+      const A xhat = (load(x, j) * c.half - c.half_mean) * c.rstd_twice;
       const A d = load(dy, j);
       const A g = d * (args.weight ? load(args.weight, j) : A(1));
       const A dsum = args.dsum ? load(args.dsum + r * n, j) : A(0);
