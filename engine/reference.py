@@ -36,8 +36,8 @@ def layer_norm(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], 
     top = v.abs().amax(-1, keepdim=True) if v.shape[-1] > 0 else v.new_ones(*v.shape[:-1], 1)  # rows of 0: any
     scale = 1.0 / _power_of_two_below(top)
     scaled = v * scale
-    mean = torch.zeros_like(scaled) if rms else scaled.mean(-1, keepdim=True)
-    centered = scaled - mean
+    mean = scaled.new_zeros(top.shape) if rms else scaled.mean(-1, keepdim=True)
+    centered = scaled if rms else scaled - mean
     rstd = torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps * scale * scale)
     y = centered * rstd
     mean, rstd = (mean / scale).squeeze(-1), (rstd * scale).squeeze(-1)
