@@ -224,13 +224,14 @@ def attention_mask_gradient(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, l
 def _probabilities_from_lse(q: Tensor, k: Tensor, lse: Tensor, mask: Optional[Tensor], causal: bool,
                             scale: float) -> Tensor:
     """P = exp(q k^T * scale + mask - lse), recomputed from the forward's log-sum-exp as backward
-    passes do (q, k with the same heads, in the accumulator dtype); 0 on rows that see no key
-    (lse = -inf)."""
+    passes do (q, k with the same heads, in the accumulator dtype). Exactly 0 at hidden keys whatever
+    q, k and the lse hold (a row whose lse is NaN has NaN probabilities at its visible keys only),
+    and on rows that see no key (lse = -inf)."""
     sq, sk = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-1, -2)) * scale + _mask_bias(mask, causal, sq, sk, q.dtype, q.device)
+    bias = _mask_bias(mask, causal, sq, sk, q.dtype, q.device)
+    scores = (q @ k.transpose(-1, -2)) * scale + bias
     row_lse = lse.unsqueeze(-1)
-    visible = torch.isfinite(row_lse)
-    return torch.where(visible, torch.exp(scores - torch.where(visible, row_lse, 0.0)), 0.0)
+    return torch.where((bias == -math.inf) | (row_lse == -math.inf), 0.0, torch.exp(scores - row_lse))
 
 
 def _mask_bias(mask: Optional[Tensor], causal: bool, sq: int, sk: int, dtype, device) -> Tensor:

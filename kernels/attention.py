@@ -143,12 +143,15 @@ def _keep_mask(seed, rows, cols, plane, dropout_p):
 @triton.jit
 def _score_mask(s, visible, Mask_head, stride_mq, stride_mk, rows_m, rows_n,
                 TRANSPOSED: tl.constexpr, MASK_KIND: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr):
-    """Scores s with everything invisible set to -inf: what `visible` (the tile's bounds,
-    broadcastable to s) excludes and the bool mask; a float mask is added (in the scores' units).
-    Causality is the caller's (diagonal blocks only). s is [M, N] (rows = queries) or, TRANSPOSED,
-    [N, M] (rows = keys, as in the dK/dV kernel). rows_m/rows_n: query/key indices [M]/[N] clamped
-    into the tensor, so that the mask is read without predicates (what lies outside is discarded
-    by `visible`). The mask is read through its strides (0 on broadcast dims), never expanded."""
+    """(s plus the float mask, in the scores' units; visible [s's shape]: `visible`, the tile's
+    bounds broadcastable to s, and the bool mask). Causality is the caller's (diagonal blocks only).
+    The forward sets invisible scores to -inf before its softmax; the backward zeroes invisible
+    probabilities after P = exp(s - lse), so that a hidden key's P is 0 whatever the scores and
+    the lse hold (e^(-inf - lse) is NaN in a row whose lse is NaN, as torch's rows with NaN are).
+    s is [M, N] (rows = queries) or, TRANSPOSED, [N, M] (rows = keys, as in the dK/dV kernel).
+    rows_m/rows_n: query/key indices [M]/[N] clamped into the tensor, so that the mask is read
+    without predicates (what lies outside is discarded by `visible`). The mask is read through
+    its strides (0 on broadcast dims), never expanded."""
     if TRANSPOSED:
         offsets = rows_m[None, :] * stride_mq + rows_n[:, None] * stride_mk
     else:
@@ -161,7 +164,7 @@ def _score_mask(s, visible, Mask_head, stride_mq, stride_mk, rows_m, rows_n,
             s = s + bias
         else:
             s = s + bias * _LOG2E
-    return tl.where(visible, s, float("-inf"))
+    return s, tl.broadcast_to(visible, s.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,11 +200,12 @@ def _fwd_blocks(acc, l_i, m_i, q,
             s = _mul_split(s, scale_hi, scale_lo, FP64)
         else:
             s = s * qk_scale
-        s = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
-                        False, MASK_KIND, ACC, FP64)
+        s, visible = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
+                                 False, MASK_KIND, ACC, FP64)
         if CAUSAL:
             if start_n >= diag_from:
-                s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+                visible = visible & (offs_n[None, :] <= offs_m[:, None])
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing visible yet keeps max -inf; subtracting 0 instead gives exp(-inf) = 0
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -381,14 +385,14 @@ def _bwd_dkdv_blocks(dk, dv, k, v,
             sT = _mul_split(sT, scale_hi, scale_lo, FP64)
         else:
             sT = sT * qk_scale
-        sT = _score_mask(sT, col_ok[:, None] & row_ok[None, :], Mask_head, stride_mq, stride_mk,
-                         rows_m, rows_n, True, MASK_KIND, ACC, FP64)
+        sT, visibleT = _score_mask(sT, col_ok[:, None] & row_ok[None, :], Mask_head, stride_mq, stride_mk,
+                                   rows_m, rows_n, True, MASK_KIND, ACC, FP64)
         if CAUSAL:
             if start_m < diag_to:
-                sT = tl.where(offs_n[:, None] <= offs_m[None, :], sT, float("-inf"))
+                visibleT = visibleT & (offs_n[:, None] <= offs_m[None, :])
         # the row's lse in the scores' units, +inf where no key is visible (so that P = 0)
         lse = tl.load(LseS_row + rows_m)
-        pT = _exp_base(sT - lse[None, :], FP64)                                      # [N, M]
+        pT = tl.where(visibleT, _exp_base(sT - lse[None, :], FP64), 0.0)           # [N, M]
         do = tl.load(DO_head + rows_m[:, None] * stride_dos + offs_dv[None, :],
                      mask=dv_ok[None, :], other=0.0)                                 # [M, BLOCK_DV]
         dpT = _mm(v, tl.trans(do), ACC, DOT_IEEE, INTERPRET)                         # [N, M]
@@ -498,12 +502,12 @@ def _bwd_p_dp(q, do, lse, K_head, V_head, Mask_head,
         s = _mul_split(s, scale_hi, scale_lo, FP64)
     else:
         s = s * qk_scale
-    s = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
-                    False, MASK_KIND, ACC, FP64)
+    s, visible = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
+                             False, MASK_KIND, ACC, FP64)
     if CAUSAL:
         if start_n >= diag_from:
-            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
-    p = _exp_base(s - lse[:, None], FP64)
+            visible = visible & (offs_n[None, :] <= offs_m[:, None])
+    p = tl.where(visible, _exp_base(s - lse[:, None], FP64), 0.0)
     dp = _mm(do, vT, ACC, DOT_IEEE, INTERPRET)                                       # [M, N]
     if DROPOUT:
         keep = _keep_mask(seed, offs_m[:, None], offs_n[None, :], plane, dropout_p)

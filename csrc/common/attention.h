@@ -78,18 +78,19 @@ HOST_DEVICE A attention_safe_max(A m) {
   return m == attention_neg_inf<A>() ? A(0) : m;
 }
 
-// Log-sum-exp of a finished row from its running max m and sum l.
+// Log-sum-exp of a finished row from its running max m and sum l: -inf for a row with no visible
+// key (l = 0), NaN for a row whose scores held NaN (so that backward's P is NaN there too).
 template <typename A>
 HOST_DEVICE A attention_lse(A m, A l) {
   using std::log;
-  return l > A(0) ? m + log(l) : attention_neg_inf<A>();
+  return l == A(0) ? attention_neg_inf<A>() : m + log(l);
 }
 
-// The output element o / l of a finished row, or 0 for a row with no visible key (l = 0). A
-// division, not a product with 1 / l: one rounding instead of two.
+// The output element o / l of a finished row, or 0 for a row with no visible key (l = 0); NaN
+// stays NaN. A division, not a product with 1 / l: one rounding instead of two.
 template <typename A>
 HOST_DEVICE A attention_normalize(A o, A l) {
-  return l > A(0) ? o / l : A(0);
+  return l == A(0) ? A(0) : o / l;
 }
 
 // Merging partial results of one row over disjoint key ranges (flash-decoding): partial p has

@@ -100,12 +100,13 @@ void dkdv_task(const AttentionBackwardArgs<T>& a, const Shape<AttentionBackwardA
         A* s_row = s + r * kKeys;
         A* dp_row = dp + r * kKeys;
         const int64_t mask_offset = b * a.mask_stride_b + h * a.mask_stride_h + i * a.mask_stride_q;
-        mask_row(s_row, bk, j0, attention_key_limit(i, a.causal, 0, sh.Sk), a.mask, a.mask_kind, mask_offset,
-                 a.mask_stride_k);
+        add_float_mask_row(s_row, bk, j0, a.mask, a.mask_kind, mask_offset, a.mask_stride_k);
         const V lse = L::set1(lse_for_backward(a.lse[plane * sh.Sq + i]));
         const A delta = a.delta[plane * sh.Sq + i];
-        // P = e^(s - lse) in place of S
+        // P = e^(s - lse) in place of S, 0 at hidden keys
         for (int64_t x = 0; x < lanes; x += L::W) L::store(s_row + x, L::exp_diff(L::load(s_row + x), lse));
+        hide_keys_row(s_row, bk, j0, attention_key_limit(i, a.causal, 0, sh.Sk), a.mask, a.mask_kind, mask_offset,
+                      a.mask_stride_k, A(0));
         if (a.dropout_p > 0) {
           // dS = P (dP Z - delta) in place of dP; P~ = P Z in place of P
 #pragma omp simd
@@ -172,7 +173,7 @@ RowsView<T> probabilities_transposed(const AttentionBackwardArgs<T>& a, const Sh
   A* st = w.st.get();
   A* dpt = w.dpt.get();
   gemm<A>(bk, rows.count, sh.D, k_rows.data, k_rows.stride, 1, w.qt.get(), kRows, st, kRows, Init::zero);
-  mask_transposed(st, bk, j0, rows, a.mask, a.mask_kind, a.mask_stride_k);
+  add_float_mask_transposed(st, bk, j0, rows, a.mask, a.mask_kind, a.mask_stride_k);
   gemm<A>(bk, rows.count, sh.Dv, v_rows.data, v_rows.stride, 1, w.doutt.get(), kRows, dpt, kRows, Init::zero);
   const int64_t lanes = (rows.count + L::W - 1) / L::W * L::W;
   for (int64_t j = 0; j < bk; ++j) {
@@ -180,6 +181,7 @@ RowsView<T> probabilities_transposed(const AttentionBackwardArgs<T>& a, const Sh
     for (int64_t x = 0; x < lanes; x += L::W)
       L::store(st_row + x, L::exp_diff(L::load(st_row + x), L::load(w.lse.get() + x)));
   }
+  hide_keys_transposed(st, bk, j0, rows, a.mask, a.mask_kind, a.mask_stride_k, A(0));
   if (a.dropout_p > 0)
     dropout_transposed(dpt, bk, j0, rows, philox_key(a.seed), static_cast<float>(a.dropout_p),
                        static_cast<A>(1.0 / (1.0 - a.dropout_p)));

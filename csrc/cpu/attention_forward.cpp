@@ -157,7 +157,8 @@ void forward_task(const AttentionForwardArgs<T>& a, const Shape<AttentionForward
       scores_few_rows(k_rows.data, k_rows.stride, bk, D, w.q.get(), rows.count, w.st.get());
     else
       gemm<A>(bk, rows.count, D, k_rows.data, k_rows.stride, 1, w.qt.get(), kRows, w.st.get(), kRows, Init::zero);
-    mask_transposed(w.st.get(), bk, j0, rows, a.mask, a.mask_kind, a.mask_stride_k);
+    add_float_mask_transposed(w.st.get(), bk, j0, rows, a.mask, a.mask_kind, a.mask_stride_k);
+    hide_keys_transposed(w.st.get(), bk, j0, rows, a.mask, a.mask_kind, a.mask_stride_k, attention_neg_inf<A>());
     online_softmax_transposed(w.st.get(), bk, lanes, m, l, w.alpha.get());
     if (a.dropout_p > 0) dropout_transposed(w.st.get(), bk, j0, rows, key, p_keep, inv_keep);
     // O [rows, Dv] = alpha O + P V_blk   (A = the P^T tile read transposed)

@@ -95,68 +95,89 @@ void pack_transposed(const RowBlock& rows, int64_t cols, acc_t<T> factor, RowPtr
 }
 
 // ---------------------------------------------------------------------------------------------
-// Masking. S^T tiles [keys, kRows] (forward, dQ): the mask of lane r at key j is element
-// mask_offset[r] + j * mask_stride_k. Then causality / key length: key j >= limit[r] -> -inf.
+// Masking, in two steps: a float mask is added to the scores, and hidden keys (a bool mask's
+// zeros, and keys past causality or the key length) are set to `hidden`. The forward hides with
+// -inf before its softmax. The backward hides with 0 after P = e^(s - lse): written over P, a
+// hidden key's probability is 0 whatever q, k and the lse hold (a NaN score there, or a row whose
+// lse is NaN, would make e^(-inf - lse) NaN), while a visible score of -inf still gives NaN in a
+// NaN row, as in torch.
+//
+// S^T tiles [keys, kRows] (forward, dQ): the mask of lane r at key j is element
+// mask_offset[r] + j * mask_stride_k; lane r sees keys j < limit[r].
 
 template <typename A>
-void mask_transposed(A* st, int64_t bk, int64_t j0, const RowBlock& rows, const void* mask, AttentionMaskKind kind,
-                     int64_t mask_stride_k) {
-  const A neg_inf = attention_neg_inf<A>();
-  if (kind != AttentionMaskKind::none) {
+void add_float_mask_transposed(A* st, int64_t bk, int64_t j0, const RowBlock& rows, const void* mask,
+                               AttentionMaskKind kind, int64_t mask_stride_k) {
+  if (kind != AttentionMaskKind::additive) return;
+  const A* m = static_cast<const A*>(mask);
+  if (rows.uniform_mask) {
+    for (int64_t j = 0; j < bk; ++j) {
+      const A bias = m[rows.mask_offset[0] + (j0 + j) * mask_stride_k];
+      A* row = st + j * kRows;
+#pragma omp simd
+      for (int64_t r = 0; r < rows.count; ++r) row[r] += bias;
+    }
+  } else {
+    for (int64_t r = 0; r < rows.count; ++r) {
+      const A* lane = m + rows.mask_offset[r] + j0 * mask_stride_k;
+      for (int64_t j = 0; j < bk; ++j) st[j * kRows + r] += lane[j * mask_stride_k];
+    }
+  }
+}
+
+template <typename A>
+void hide_keys_transposed(A* st, int64_t bk, int64_t j0, const RowBlock& rows, const void* mask,
+                          AttentionMaskKind kind, int64_t mask_stride_k, A hidden) {
+  if (kind == AttentionMaskKind::boolean) {
+    const uint8_t* m = static_cast<const uint8_t*>(mask);
     if (rows.uniform_mask) {
       for (int64_t j = 0; j < bk; ++j) {
-        const A bias = attention_mask_bias<A>(mask, kind, rows.mask_offset[0] + (j0 + j) * mask_stride_k);
-        if (bias == A(0)) continue;
         A* row = st + j * kRows;
-#pragma omp simd
-        for (int64_t r = 0; r < rows.count; ++r) row[r] += bias;
+        if (!m[rows.mask_offset[0] + (j0 + j) * mask_stride_k]) std::fill(row, row + rows.count, hidden);
       }
-    } else if (kind == AttentionMaskKind::boolean) {
-      const uint8_t* m = static_cast<const uint8_t*>(mask);
+    } else {
       for (int64_t r = 0; r < rows.count; ++r) {
         const uint8_t* lane = m + rows.mask_offset[r] + j0 * mask_stride_k;
         for (int64_t j = 0; j < bk; ++j)
-          if (!lane[j * mask_stride_k]) st[j * kRows + r] = neg_inf;
-      }
-    } else {
-      const A* m = static_cast<const A*>(mask);
-      for (int64_t r = 0; r < rows.count; ++r) {
-        const A* lane = m + rows.mask_offset[r] + j0 * mask_stride_k;
-        for (int64_t j = 0; j < bk; ++j) st[j * kRows + r] += lane[j * mask_stride_k];
+          if (!lane[j * mask_stride_k]) st[j * kRows + r] = hidden;
       }
     }
   }
   if (j0 + bk > rows.min_limit) {
     for (int64_t r = 0; r < rows.count; ++r)
-      for (int64_t j = std::max<int64_t>(rows.limit[r] - j0, 0); j < bk; ++j) st[j * kRows + r] = neg_inf;
+      for (int64_t j = std::max<int64_t>(rows.limit[r] - j0, 0); j < bk; ++j) st[j * kRows + r] = hidden;
   }
 }
 
 // S tiles [rows, kKeys] (dK/dV pass): one query row `row` (length bk) at keys j0.. with its mask
 // row starting at `mask_offset` and keys [0, limit) visible.
 template <typename A>
-void mask_row(A* row, int64_t bk, int64_t j0, int64_t limit, const void* mask, AttentionMaskKind kind,
-              int64_t mask_offset, int64_t mask_stride_k) {
-  const A neg_inf = attention_neg_inf<A>();
+void add_float_mask_row(A* row, int64_t bk, int64_t j0, const void* mask, AttentionMaskKind kind,
+                        int64_t mask_offset, int64_t mask_stride_k) {
+  if (kind != AttentionMaskKind::additive) return;
+  const A* m = static_cast<const A*>(mask) + mask_offset + j0 * mask_stride_k;
+  if (mask_stride_k == 1) {
+#pragma omp simd
+    for (int64_t j = 0; j < bk; ++j) row[j] += m[j];
+  } else {
+    for (int64_t j = 0; j < bk; ++j) row[j] += m[j * mask_stride_k];
+  }
+}
+
+template <typename A>
+void hide_keys_row(A* row, int64_t bk, int64_t j0, int64_t limit, const void* mask, AttentionMaskKind kind,
+                   int64_t mask_offset, int64_t mask_stride_k, A hidden) {
   if (kind == AttentionMaskKind::boolean) {
     const uint8_t* m = static_cast<const uint8_t*>(mask) + mask_offset + j0 * mask_stride_k;
     if (mask_stride_k == 1) {
 #pragma omp simd
-      for (int64_t j = 0; j < bk; ++j) row[j] = m[j] ? row[j] : neg_inf;
+      for (int64_t j = 0; j < bk; ++j) row[j] = m[j] ? row[j] : hidden;
     } else {
       for (int64_t j = 0; j < bk; ++j)
-        if (!m[j * mask_stride_k]) row[j] = neg_inf;
-    }
-  } else if (kind == AttentionMaskKind::additive) {
-    const A* m = static_cast<const A*>(mask) + mask_offset + j0 * mask_stride_k;
-    if (mask_stride_k == 1) {
-#pragma omp simd
-      for (int64_t j = 0; j < bk; ++j) row[j] += m[j];
-    } else {
-      for (int64_t j = 0; j < bk; ++j) row[j] += m[j * mask_stride_k];
+        if (!m[j * mask_stride_k]) row[j] = hidden;
     }
   }
-  for (int64_t j = std::max<int64_t>(limit - j0, 0); j < bk; ++j) row[j] = neg_inf;
+  for (int64_t j = std::max<int64_t>(limit - j0, 0); j < bk; ++j) row[j] = hidden;
 }
 
 // ---------------------------------------------------------------------------------------------

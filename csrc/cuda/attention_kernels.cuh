@@ -389,9 +389,26 @@ __device__ __forceinline__ LaneRow lane_row(const Args& a, int64_t b, int64_t kv
   return row;
 }
 
-// The scores of a lane's tile elements, scaled and masked: element (n, e) of the accumulator
-// layout is row rows[e / 2], key j0 + 8 n + 2 t + (e & 1); keys at or past `key_end` or the row's
-// limit are -inf, and the mask is added (-inf where a bool mask is false).
+// Lane element (n, e) of the accumulator layout is row rows[e / 2], key j0 + 8 n + 2 t + (e & 1).
+// Its score scaled, with a float mask added; `hidden` when the key is at or past `key_end` or the
+// row's limit, or a bool mask is false there. A hidden key is set to -inf (forward) or its
+// probability to 0 (backward), never s + -inf: a NaN score there would stay NaN.
+template <typename Args>
+__device__ __forceinline__ float masked_score(float s, const Args& a, const LaneRow& row, int64_t j, int64_t key_end,
+                                              bool& hidden) {
+  hidden = j >= key_end || j >= row.limit;
+  float x = s * float(a.scale);
+  if (!hidden && a.mask_kind != AttentionMaskKind::none) {
+    const float bias = attention_mask_bias<float>(a.mask, a.mask_kind, row.mask_offset + j * a.mask_stride_k);
+    if (a.mask_kind == AttentionMaskKind::boolean)
+      hidden = bias != 0.0f;
+    else
+      x += bias;
+  }
+  return x;
+}
+
+// The forward's scores of a lane's tile elements, scaled and masked (hidden keys -inf).
 template <int kN, typename Args>
 __device__ __forceinline__ void scale_and_mask(float (&s)[kN / 8][4], const Args& a, const LaneRow (&rows)[2],
                                                int64_t j0, int64_t key_end, int t) {
@@ -399,15 +416,26 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[kN / 8][4], const Args
   for (int n = 0; n < kN / 8; ++n) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const LaneRow& row = rows[e / 2];
-      const int64_t j = j0 + 8 * n + 2 * t + (e & 1);
-      float x = s[n][e] * float(a.scale);
-      if (j >= key_end || j >= row.limit) {
-        x = neg_inf();
-      } else if (a.mask_kind != AttentionMaskKind::none) {
-        x += attention_mask_bias<float>(a.mask, a.mask_kind, row.mask_offset + j * a.mask_stride_k);
-      }
-      s[n][e] = x;
+      bool hidden;
+      const float x = masked_score(s[n][e], a, rows[e / 2], j0 + 8 * n + 2 * t + (e & 1), key_end, hidden);
+      s[n][e] = hidden ? neg_inf() : x;
+    }
+  }
+}
+
+// The backward's probabilities P = e^(s - lse) in place of a lane's scores: 0 at hidden keys
+// whatever the scores and the lse hold (a row whose lse is NaN is NaN at its visible keys only, as
+// torch's rows with NaN; lse is +inf for a row without a visible key).
+template <typename T, int kN, typename Args>
+__device__ __forceinline__ void probabilities(float (&s)[kN / 8][4], const Args& a, const LaneRow (&rows)[2],
+                                              int64_t j0, int64_t key_end, int t, const float (&lse)[2]) {
+#pragma unroll
+  for (int n = 0; n < kN / 8; ++n) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      bool hidden;
+      const float x = masked_score(s[n][e], a, rows[e / 2], j0 + 8 * n + 2 * t + (e & 1), key_end, hidden);
+      s[n][e] = hidden ? 0.0f : exp_of<T>(x - lse[e / 2]);
     }
   }
 }

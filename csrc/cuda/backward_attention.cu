@@ -138,15 +138,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dkdv_kernel(const Atten
           const int64_t j = e < 2 ? key_lo : key_hi;
           const int rr = 8 * n + 2 * t + (e & 1);
           const int64_t i = i0 + rr;
+          // as masked_score (common to the forward and dQ) for this kernel's transposed tiles
           float x = p[n][e] * float(a.scale);
-          if (rr >= rows_valid || j >= a.seq_k || j >= attention_key_limit(i, a.causal, 0, a.seq_k)) {
-            x = neg_inf();
-          } else if (a.mask_kind != AttentionMaskKind::none) {
-            x += attention_mask_bias<float>(a.mask, a.mask_kind,
-                                            b * a.mask_stride_b + h * a.mask_stride_h + i * a.mask_stride_q +
-                                                j * a.mask_stride_k);
+          bool hidden = rr >= rows_valid || j >= a.seq_k || j >= attention_key_limit(i, a.causal, 0, a.seq_k);
+          if (!hidden && a.mask_kind != AttentionMaskKind::none) {
+            const float bias = attention_mask_bias<float>(
+                a.mask, a.mask_kind, b * a.mask_stride_b + h * a.mask_stride_h + i * a.mask_stride_q + j * a.mask_stride_k);
+            if (a.mask_kind == AttentionMaskKind::boolean)
+              hidden = bias != 0.0f;
+            else
+              x += bias;
           }
-          p[n][e] = exp_of<T>(x - lse_s[rr]);
+          p[n][e] = hidden ? 0.0f : exp_of<T>(x - lse_s[rr]);
         }
       }
       // dP^T = v dout^T, then dS^T = P^T (dP^T Z - delta) and P~^T = P^T Z
@@ -250,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_kernel(const Attenti
   const int64_t last_row = min64(plan.stacked, s0 + kBlockRows) - 1;
   const int64_t key_end = attention_key_limit(last_row / plan.group, a.causal, 0, a.seq_k);
 
-  // S = q k^T (scaled, masked) into s and dP Z = (dout v^T) Z into dp: this warp's 16 rows
+  // P = e^(q k^T scaled and masked - lse) into s and dP Z = (dout v^T) Z into dp: this warp's 16 rows
   // against keys [j0, j0 + kKeys), whose tiles k_s (kt_s) stay for dQ's product.
   auto block_scores = [&](int64_t j0, float (&s)[kKeys / 8][4], float (&dp)[kKeys / 8][4]) {
     const int valid = int(min64(kKeys, key_end - j0));
@@ -271,7 +274,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_kernel(const Attenti
     }
     __syncthreads();
     Math::template scores<kKeys, kHead>(s, q_s + warp * 16 * kStride, BOperand<T>{k_s, k_s, kKeys}, lane, nullptr);
-    scale_and_mask<kKeys>(s, a, rows, j0, key_end, t);
+    probabilities<T, kKeys>(s, a, rows, j0, key_end, t, lse);
     Math::template scores<kKeys, kHead>(dp, do_s + warp * 16 * kStride, BOperand<T>{v_s, v_s, kKeys}, lane,
                                         nullptr);
     if (a.dropout_p > 0) apply_dropout<kKeys>(dp, rows, j0, t, key, p_drop, inv_keep);
@@ -295,7 +298,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_kernel(const Attenti
 #pragma unroll
       for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) delta[e / 2] = fmaf(exp_of<T>(s[n][e] - lse[e / 2]), dp[n][e], delta[e / 2]);
+        for (int e = 0; e < 4; ++e) delta[e / 2] = fmaf(s[n][e], dp[n][e], delta[e / 2]);
       }
     }
 #pragma unroll
@@ -316,7 +319,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_dq_kernel(const Attenti
 #pragma unroll
     for (int n = 0; n < kKeys / 8; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dp[n][e] = exp_of<T>(s[n][e] - lse[e / 2]) * (dp[n][e] - delta[e / 2]);  // dS
+      for (int e = 0; e < 4; ++e) dp[n][e] = s[n][e] * (dp[n][e] - delta[e / 2]);  // dS
     }
     Math::template accumulate<kKeys, kHead>(dq, dp, BOperand<T>{k_s, kt_s, kHead}, lane, p_s + warp * 16 * C::kPStride);
   }
