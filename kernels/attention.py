@@ -143,15 +143,18 @@ def _keep_mask(seed, rows, cols, plane, dropout_p):
 @triton.jit
 def _score_mask(s, visible, Mask_head, stride_mq, stride_mk, rows_m, rows_n,
                 TRANSPOSED: tl.constexpr, MASK_KIND: tl.constexpr, ACC: tl.constexpr, FP64: tl.constexpr):
-    """(s plus the float mask, in the scores' units; visible [s's shape]: `visible`, the tile's
-    bounds broadcastable to s, and the bool mask). Causality is the caller's (diagonal blocks only).
-    The forward sets invisible scores to -inf before its softmax; the backward zeroes invisible
-    probabilities after P = exp(s - lse), so that a hidden key's P is 0 whatever the scores and
-    the lse hold (e^(-inf - lse) is NaN in a row whose lse is NaN, as torch's rows with NaN are).
-    s is [M, N] (rows = queries) or, TRANSPOSED, [N, M] (rows = keys, as in the dK/dV kernel).
-    rows_m/rows_n: query/key indices [M]/[N] clamped into the tensor, so that the mask is read
-    without predicates (what lies outside is discarded by `visible`). The mask is read through
-    its strides (0 on broadcast dims), never expanded."""
+    """Scores s with everything invisible set to -inf: what `visible` (the tile's bounds,
+    broadcastable to s) excludes and the bool mask; a float mask is added (in the scores' units).
+    Causality is the caller's (diagonal blocks only). The dK/dV kernel passes s - lse and takes P
+    as the exp of the result, so that a hidden key is -inf after the subtraction and its P is 0
+    whatever the lse holds: a row whose lse is NaN must not reach dV of the keys it does not see
+    (torch's rows with NaN are NaN at their visible keys only). The dQ and delta kernels need not:
+    in such a row dS = P (dP - delta) is NaN at every key anyway, through delta. (Keeping a
+    visibility mask until after the exp instead spilled registers on gfx942 and in sm90's dQ at
+    D=256.) s is [M, N] (rows = queries) or, TRANSPOSED, [N, M] (rows = keys, as in the dK/dV
+    kernel). rows_m/rows_n: query/key indices [M]/[N] clamped
+    into the tensor, so that the mask is read without predicates (what lies outside is discarded
+    by `visible`). The mask is read through its strides (0 on broadcast dims), never expanded."""
     if TRANSPOSED:
         offsets = rows_m[None, :] * stride_mq + rows_n[:, None] * stride_mk
     else:
@@ -164,7 +167,7 @@ def _score_mask(s, visible, Mask_head, stride_mq, stride_mk, rows_m, rows_n,
             s = s + bias
         else:
             s = s + bias * _LOG2E
-    return s, tl.broadcast_to(visible, s.shape)
+    return tl.where(visible, s, float("-inf"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,12 +203,11 @@ def _fwd_blocks(acc, l_i, m_i, q,
             s = _mul_split(s, scale_hi, scale_lo, FP64)
         else:
             s = s * qk_scale
-        s, visible = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
-                                 False, MASK_KIND, ACC, FP64)
+        s = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
+                        False, MASK_KIND, ACC, FP64)
         if CAUSAL:
             if start_n >= diag_from:
-                visible = visible & (offs_n[None, :] <= offs_m[:, None])
-        s = tl.where(visible, s, float("-inf"))
+                s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a row with nothing visible yet keeps max -inf; subtracting 0 instead gives exp(-inf) = 0
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -385,14 +387,14 @@ def _bwd_dkdv_blocks(dk, dv, k, v,
             sT = _mul_split(sT, scale_hi, scale_lo, FP64)
         else:
             sT = sT * qk_scale
-        sT, visibleT = _score_mask(sT, col_ok[:, None] & row_ok[None, :], Mask_head, stride_mq, stride_mk,
-                                   rows_m, rows_n, True, MASK_KIND, ACC, FP64)
-        if CAUSAL:
-            if start_m < diag_to:
-                visibleT = visibleT & (offs_n[:, None] <= offs_m[None, :])
         # the row's lse in the scores' units, +inf where no key is visible (so that P = 0)
         lse = tl.load(LseS_row + rows_m)
-        pT = tl.where(visibleT, _exp_base(sT - lse[None, :], FP64), 0.0)           # [N, M]
+        sT = _score_mask(sT - lse[None, :], col_ok[:, None] & row_ok[None, :], Mask_head, stride_mq, stride_mk,
+                         rows_m, rows_n, True, MASK_KIND, ACC, FP64)
+        if CAUSAL:
+            if start_m < diag_to:
+                sT = tl.where(offs_n[:, None] <= offs_m[None, :], sT, float("-inf"))
+        pT = _exp_base(sT, FP64)                                                     # [N, M]
         do = tl.load(DO_head + rows_m[:, None] * stride_dos + offs_dv[None, :],
                      mask=dv_ok[None, :], other=0.0)                                 # [M, BLOCK_DV]
         dpT = _mm(v, tl.trans(do), ACC, DOT_IEEE, INTERPRET)                         # [N, M]
@@ -502,12 +504,12 @@ def _bwd_p_dp(q, do, lse, K_head, V_head, Mask_head,
         s = _mul_split(s, scale_hi, scale_lo, FP64)
     else:
         s = s * qk_scale
-    s, visible = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
-                             False, MASK_KIND, ACC, FP64)
+    s = _score_mask(s, col_ok[None, :], Mask_head, stride_mq, stride_mk, rows_m, rows_n,
+                    False, MASK_KIND, ACC, FP64)
     if CAUSAL:
         if start_n >= diag_from:
-            visible = visible & (offs_n[None, :] <= offs_m[:, None])
-    p = tl.where(visible, _exp_base(s - lse[:, None], FP64), 0.0)
+            s = tl.where(offs_n[None, :] <= offs_m[:, None], s, float("-inf"))
+    p = _exp_base(s - lse[:, None], FP64)
     dp = _mm(do, vT, ACC, DOT_IEEE, INTERPRET)                                       # [M, N]
     if DROPOUT:
         keep = _keep_mask(seed, offs_m[:, None], offs_n[None, :], plane, dropout_p)
@@ -866,7 +868,7 @@ def dkdv_candidates(block_d: int, dtype: torch.dtype, dropout: bool) -> list[tup
     which holds K, V, dK and dV tiles of BLOCK_N x head dim for its whole loop."""
     if _is_16bit(dtype):
         if block_d <= 64:
-            return [(32, 64, 4, 3), (16, 128, 8, 2)] if dropout else [(32, 128, 8, 3), (32, 64, 4, 3)]
+            return [(32, 64, 4, 3), (16, 128, 8, 2)] if dropout else [(32, 128, 8, 2), (32, 64, 4, 3)]
         if block_d <= 128:
             return [(16, 64, 8, 2), (16, 128, 8, 2)] if dropout else [(32, 64, 4, 3), (16, 128, 8, 2)]
         # D=256 with dropout: 64 keys spill, and 32 keys are below wgmma's 64 rows (sm90: mma)
