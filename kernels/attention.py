@@ -6,7 +6,8 @@ attention_with_kv_cache, dropout_uniform).
 
 This module is what engine.ops.attention registers as the triton backend: the launchers, their
 limits (supports, supports_decode) and gpu_compile_cases() for engine.readiness. Each direction's
-kernels sit with their launcher:
+kernels sit with their launcher, and each kernel's arguments and grid are built by one function
+(`_<kernel>_launch`) that both the launcher and the compile cases below call:
     attention_forward.py    _attn_fwd_kernel; attention_fwd
     attention_backward.py   the preprocess, Delta, dK/dV and dQ kernels; attention_bwd
     attention_decode.py     the flash-decoding split and combine kernels; attention_decode
@@ -30,12 +31,14 @@ import triton
 
 from engine.kernels import compat
 from engine.kernels.attention_backward import (_attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel,
-                                               _attn_bwd_preprocess_kernel, attention_bwd)
-from engine.kernels.attention_blocks import (_head_block, _is_16bit, _preprocess_block_m, decode_block_m, decode_config,
-                                             dkdv_candidates, dq_candidates, fwd_candidates, keep_candidates)
+                                               _attn_bwd_preprocess_kernel, _delta_launch, _dkdv_launch, _dq_launch,
+                                               _preprocess_launch, attention_bwd)
+from engine.kernels.attention_blocks import (_head_block, _is_16bit, dkdv_candidates, dq_candidates,
+                                             fwd_candidates, keep_candidates)
 from engine.kernels.attention_common import MASK_BOOL, MASK_FLOAT, MASK_NONE, _acc_types
-from engine.kernels.attention_decode import _attn_decode_combine_kernel, _attn_decode_split_kernel, attention_decode
-from engine.kernels.attention_forward import _attn_fwd_kernel, attention_fwd
+from engine.kernels.attention_decode import (_attn_decode_combine_kernel, _attn_decode_split_kernel,
+                                             _decode_combine_launch, _decode_split_launch, attention_decode)
+from engine.kernels.attention_forward import _attn_fwd_kernel, _fwd_launch, attention_fwd
 from engine.kernels.common import GpuCompileCase
 from engine.ops.common import dtype_reason
 
@@ -111,14 +114,42 @@ def supports_decode(args) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time GPU compile cases
+#
+# Built by the launchers' own argument builders from meta tensors (shapes, strides and dtypes, no
+# storage), so that readiness compiles exactly what the launchers launch.
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _mask_dtype(kind: int, dtype: torch.dtype):
-    return {MASK_NONE: dtype, MASK_BOOL: torch.int8, MASK_FLOAT: dtype}[kind]
+def _meta(dtype: torch.dtype, *shape: int) -> torch.Tensor:
+    """A contiguous tensor without storage."""
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _meta_mask(kind: int, dtype: torch.dtype, shape: tuple, strides: tuple):
+    """A broadcast mask view without storage: None, bool, or float in the data's dtype."""
+    if kind == MASK_NONE:
+        return None
+    return torch.empty_strided(shape, strides, dtype=torch.bool if kind == MASK_BOOL else dtype, device="meta")
+
+
+def _case(name: str, kernel, launch, config=None, expects_tensor_cores=False) -> GpuCompileCase:
+    """The compile case of launch = (grid, args, kwargs) built from meta tensors: a tensor argument
+    becomes its dtype (what kernel.warmup needs of a pointer). config: the autotuner's (BLOCK_M,
+    BLOCK_N, num_warps, num_stages), for the kernels it tunes."""
+    grid, args, kwargs = launch
+    constexprs = dict(kwargs)
+    options = {}
+    if config is not None:
+        block_m, block_n, options["num_warps"], options["num_stages"] = config
+        constexprs.update(BLOCK_M=block_m, BLOCK_N=block_n)
+    options.update((key, constexprs.pop(key)) for key in ("num_warps", "num_stages") if key in constexprs)
+    return GpuCompileCase(name=name, kernel=kernel,
+                          args=tuple(a.dtype if isinstance(a, torch.Tensor) else a for a in args),
+                          constexprs=constexprs, grid=grid(constexprs) if callable(grid) else grid,
+                          expects_tensor_cores=expects_tensor_cores, **options)
 
 
 def _variant_name(causal: bool, mask_kind: int, dropout: bool) -> str:
@@ -133,73 +164,51 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
     (no mask, no dropout) and the heaviest one (causal, float mask, dropout; the forward also
     with the debug keep mask; the 16-bit Delta kernel with the dQ kernel's blocks), the backward
     preprocess, and the decode kernels. 16-bit matrix products must use tensor cores (wgmma on
-    sm90) wherever the tile has the 64 rows wgmma needs. Scalars are representative values of a
-    real call (they decide Triton's divisibility-by-16 specialization)."""
+    sm90) wherever the tile has the 64 rows wgmma needs. Shapes and scalars are those of a
+    representative call, B = 8, H = 8, S = 1024 (values decide Triton's divisibility-by-16
+    specialization)."""
     cases = []
-    s, seed, h = 1024, 2**40, 8
+    b, h, s, seed = 8, 8, 1024, 2**40
     variants = [(False, MASK_NONE, False), (True, MASK_FLOAT, True)]
     plan = [(dt, d) for dt in (torch.float16, torch.bfloat16) for d in (64, 128)]
     plan += [(torch.float16, d) for d in (16, 80, 96, 256)] + [(torch.bfloat16, 256)]
     plan += [(torch.float32, d) for d in (64, 128, 256)] + [(torch.float64, 64)]
     for dtype, d in plan:
         block_d = _head_block(d)
-        acc_dtype, acc_tl, dot_ieee, fp64 = _acc_types(dtype)
         tc = _is_16bit(dtype)
         dname = _dtype_name(dtype)
-        strides_q = (h * s * d, s * d, d)          # contiguous [B, H, S, D]
+        x = _meta(dtype, b, h, s, d)                   # q, k, v, out, grad_out and the gradients alike
+        rows = _meta(_acc_types(dtype)[0], b, h, s)    # lse, LseS, Delta
         for causal, mask_kind, dropout in variants:
             vname = _variant_name(causal, mask_kind, dropout)
-            mdt = _mask_dtype(mask_kind, dtype)
-            mstr = (0, 0, s, 1) if mask_kind else (0, 0, 0, 0)     # a [Sq, Sk] mask
-            flags = dict(CAUSAL=causal, MASK_KIND=mask_kind, DROPOUT=dropout, BLOCK_D=block_d, BLOCK_DV=block_d,
-                         EVEN_D=d == block_d, EVEN_DV=d == block_d, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
-                         INTERPRET=False)
-            scalars = (0.125, 0.0, 0.1 if dropout else 0.0, 0.0, seed if dropout else 0)
+            mask = _meta_mask(mask_kind, dtype, (b, h, s, s), (0, 0, s, 1))     # a [Sq, Sk] mask
+            call = (causal, 0.125, 0.1 if dropout else 0.0, seed if dropout else 0)
             fwd_plan = [(c, False) for c in fwd_candidates(block_d, dtype, dropout)]
             fwd_plan += [(c, True) for c in keep_candidates(block_d, dtype)] if dropout else []
             for (bm, bn, warps, stages), return_keep in fwd_plan:
-                cases.append(GpuCompileCase(
-                    name=f"attention_fwd {dname} D={d} {vname}{' keep' if return_keep else ''} "
-                         f"M={bm} N={bn} w={warps} s={stages}",
-                    kernel=_attn_fwd_kernel,
-                    args=(dtype, dtype, dtype, mdt, dtype, acc_dtype, torch.int8,
-                          *strides_q, *strides_q, *strides_q, *mstr, h, 1, s, s, d, d, *scalars),
-                    constexprs=dict(flags, RETURN_KEEP=return_keep, BLOCK_M=bm, BLOCK_N=bn),
-                    grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
-                    expects_tensor_cores=tc and bm >= 64))
-            bwd_args = (dtype, dtype, dtype, dtype, acc_dtype, acc_dtype, mdt)
-            strides4 = (*strides_q, *strides_q, *strides_q, *strides_q, *mstr)
+                keep = _meta(torch.bool, b, h, s, s) if return_keep else None
+                cases.append(_case(
+                    f"attention_fwd {dname} D={d} {vname}{' keep' if return_keep else ''} "
+                    f"M={bm} N={bn} w={warps} s={stages}",
+                    _attn_fwd_kernel, _fwd_launch(x, x, x, mask, x, rows, keep, *call),
+                    (bm, bn, warps, stages), tc and bm >= 64))
             for bm, bn, warps, stages in dkdv_candidates(block_d, dtype, dropout):
-                cases.append(GpuCompileCase(
-                    name=f"attention_bwd_dkdv {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
-                    kernel=_attn_bwd_dkdv_kernel,
-                    args=(*bwd_args, dtype, dtype, *strides4, h, h, 1, s, s, d, d, *scalars),
-                    constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
-                    grid=(s // bn, 8 * h), num_warps=warps, num_stages=stages,
-                    expects_tensor_cores=tc and bn >= 64))
+                cases.append(_case(
+                    f"attention_bwd_dkdv {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
+                    _attn_bwd_dkdv_kernel, _dkdv_launch(x, x, x, x, rows, rows, mask, x, x, *call),
+                    (bm, bn, warps, stages), tc and bn >= 64))
             for bm, bn, warps, stages in dq_candidates(block_d, dtype, dropout):
-                cases.append(GpuCompileCase(
-                    name=f"attention_bwd_dq {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
-                    kernel=_attn_bwd_dq_kernel,
-                    args=(*bwd_args, dtype, *strides4, h, 1, s, s, d, d, *scalars),
-                    constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
-                    grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
-                    expects_tensor_cores=tc and bm >= 64))
+                cases.append(_case(
+                    f"attention_bwd_dq {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
+                    _attn_bwd_dq_kernel, _dq_launch(x, x, x, x, rows, rows, mask, x, *call),
+                    (bm, bn, warps, stages), tc and bm >= 64))
                 if tc:
-                    cases.append(GpuCompileCase(
-                        name=f"attention_bwd_delta {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
-                        kernel=_attn_bwd_delta_kernel,
-                        args=(*bwd_args, *strides4, h, 1, s, s, d, d, *scalars),
-                        constexprs=dict(flags, BLOCK_M=bm, BLOCK_N=bn),
-                        grid=(s // bm, 8 * h), num_warps=warps, num_stages=stages,
-                        expects_tensor_cores=bm >= 64))
-        block_m = _preprocess_block_m(block_d)
-        cases.append(GpuCompileCase(
-            name=f"attention_bwd_preprocess {dname} Dv={d}",
-            kernel=_attn_bwd_preprocess_kernel,
-            args=(dtype, dtype, acc_dtype, acc_dtype, acc_dtype, *strides_q, *strides_q, h, s, d),
-            constexprs=dict(BLOCK_M=block_m, BLOCK_DV=block_d, ACC=acc_tl, FP64=fp64, DELTA_FROM_P=tc),
-            grid=(s // block_m, 8 * h), num_warps=4))
+                    cases.append(_case(
+                        f"attention_bwd_delta {dname} D={d} {vname} M={bm} N={bn} w={warps} s={stages}",
+                        _attn_bwd_delta_kernel, _delta_launch(x, x, x, x, rows, rows, mask, *call),
+                        (bm, bn, warps, stages), bm >= 64))
+        cases.append(_case(f"attention_bwd_preprocess {dname} Dv={d}", _attn_bwd_preprocess_kernel,
+                           _preprocess_launch(x, x, rows, rows, rows)))
     cases += _decode_compile_cases()
     return cases
 
@@ -208,36 +217,31 @@ def _decode_compile_cases() -> list[GpuCompileCase]:
     """The decode split kernel per dtype and head dim for the row tiles GQA produces: 1 query of
     an MHA head, a group of 8 heads x 1 query (with a bool padding mask), 8 x 4 and 8 x 8
     (two or four row tiles); and the combine kernel. Rows are padded to at least 16 for tl.dot,
-    so the products use mma, not sm90's 64-row wgmma (decode is bound by reading the cache)."""
+    so the products use mma, not sm90's 64-row wgmma (decode is bound by reading the cache).
+    B = 8, Hk = 8, S_max = 4096, 16 splits (the launcher's count depends on the GPU)."""
     cases = []
-    s_max, hk = 4096, 8
+    b, hk, s_max, splits = 8, 8, 4096, 16
     dtypes = (torch.float16, torch.bfloat16, torch.float32) + ((torch.float64,) if compat.FP64_DECODE_ON_GPUS else ())
     for dtype in dtypes:
-        acc_dtype, acc_tl, dot_ieee, fp64 = _acc_types(dtype)
+        acc_dtype = _acc_types(dtype)[0]
         dname = _dtype_name(dtype)
         for d in ((64, 80, 128, 256) if dtype != torch.float64 else (64,)):
-            block_d = _head_block(d)
-            kv_strides = (hk * s_max * d, s_max * d, d)
+            cache = _meta(dtype, b, hk, s_max, d)
+            seqlens = _meta(torch.int32, b)
             for group, sq, mask_kind in ((1, 1, MASK_NONE), (8, 1, MASK_BOOL), (8, 4, MASK_NONE), (8, 8, MASK_NONE)):
-                rows, h = group * sq, group * hk
-                block_m = decode_block_m(rows, block_d, dtype)
-                block_n, warps, stages = decode_config(block_m, block_d, dtype)
-                mstr = (s_max, 0, 0, 1) if mask_kind else (0, 0, 0, 0)     # a [B, 1, 1, S_max] mask
-                cases.append(GpuCompileCase(
-                    name=f"attention_decode_split {dname} D={d} group={group} Sq={sq} "
-                         f"{['nomask', 'boolmask'][mask_kind]} M={block_m} N={block_n}",
-                    kernel=_attn_decode_split_kernel,
-                    args=(dtype, dtype, dtype, torch.int32, _mask_dtype(mask_kind, dtype), acc_dtype, acc_dtype,
-                          h * sq * d, sq * d, d, *kv_strides, *kv_strides, *mstr,
-                          hk, group, sq, s_max, d, d, 16, 0.125, 0.0),
-                    constexprs=dict(MASK_KIND=mask_kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                                    BLOCK_DV=block_d, EVEN_D=d == block_d, EVEN_DV=d == block_d, ACC=acc_tl,
-                                    DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=False),
-                    grid=(16, 8 * hk, triton.cdiv(rows, block_m)), num_warps=warps, num_stages=stages))
-            cases.append(GpuCompileCase(
-                name=f"attention_decode_combine {dname} Dv={d}",
-                kernel=_attn_decode_combine_kernel,
-                args=(acc_dtype, acc_dtype, dtype, acc_dtype, 16, d),
-                constexprs=dict(BLOCK_S=16, BLOCK_DV=block_d, ACC=acc_tl),
-                grid=(8 * 8 * hk,), num_warps=4))
+                h = group * hk
+                q = _meta(dtype, b, h, sq, d)
+                mask = _meta_mask(mask_kind, dtype, (b, h, sq, s_max), (s_max, 0, 0, 1))   # a [B, 1, 1, S_max] mask
+                launch = _decode_split_launch(q, cache, cache, seqlens, mask, _meta(acc_dtype, b * h * sq, splits, d),
+                                              _meta(acc_dtype, b * h * sq, splits), 0.125)
+                tiles = launch[2]
+                cases.append(_case(
+                    f"attention_decode_split {dname} D={d} group={group} Sq={sq} "
+                    f"{['nomask', 'boolmask'][mask_kind]} M={tiles['BLOCK_M']} N={tiles['BLOCK_N']}",
+                    _attn_decode_split_kernel, launch))
+            h = 8 * hk
+            cases.append(_case(
+                f"attention_decode_combine {dname} Dv={d}", _attn_decode_combine_kernel,
+                _decode_combine_launch(_meta(acc_dtype, b * h, splits, d), _meta(acc_dtype, b * h, splits),
+                                       _meta(dtype, b, h, 1, d), _meta(acc_dtype, b, h, 1))))
     return cases

@@ -395,6 +395,65 @@ _attn_bwd_delta = triton.autotune(_configs(dq_candidates, _INTERPRET_DQ), key=_T
                                   prune_configs_by=_pruner(dq_candidates))(_attn_bwd_delta_kernel)
 
 
+# The launches below build the arguments of one kernel each, for attention_bwd's tensors and for the
+# meta tensors of gpu_compile_cases (attention.py), which thus compile what is launched: (grid,
+# positional arguments, keyword arguments). BLOCK_M and BLOCK_N of the delta, dK/dV and dQ kernels
+# are the autotuner's: their grids are functions of them.
+
+
+def _preprocess_launch(out, grad_out, lse, delta, lse_s):
+    b, hq, sq, dv = out.shape
+    _, acc_tl, _, fp64 = _acc_types(out.dtype)
+    block_dv = _head_block(dv)
+    block_m = _preprocess_block_m(block_dv)
+    args = (out, grad_out, lse, delta, lse_s, *_stride3(out), *_stride3(grad_out), hq, sq, dv)
+    # Delta = rowsum(dO * O) for fp32/fp64 here; for 16-bit data rowsum(P * dP) (the delta kernel)
+    kwargs = dict(BLOCK_M=block_m, BLOCK_DV=block_dv, ACC=acc_tl, FP64=fp64, DELTA_FROM_P=_is_16bit(out.dtype),
+                  num_warps=4)
+    return (triton.cdiv(sq, block_m), b * hq), args, kwargs
+
+
+def _bwd_shared(q, k, v, grad_out, mask, causal, scale, dropout_p, seed):
+    """What the delta, dK/dV and dQ kernels take alike: (the mask argument, the strides, the
+    scalars after the sizes, the keyword arguments)."""
+    d, dv = q.shape[3], v.shape[3]
+    _, acc_tl, dot_ieee, fp64 = _acc_types(q.dtype)
+    mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
+    scale_hi, scale_lo = _split(scale)
+    p_hi, p_lo = _split(dropout_p)
+    block_d, block_dv = _head_block(d), _head_block(dv)
+    strides = (*_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides)
+    scalars = (scale_hi, scale_lo, p_hi, p_lo, _seed(seed))
+    kwargs = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
+                  BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=d == block_d, EVEN_DV=dv == block_dv,
+                  ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET)
+    return mask_arg, strides, scalars, kwargs
+
+
+def _delta_launch(q, k, v, grad_out, lse_s, delta, mask, causal, scale, dropout_p, seed):
+    b, hq, sq, d = q.shape
+    hk, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    mask_arg, strides, scalars, kwargs = _bwd_shared(q, k, v, grad_out, mask, causal, scale, dropout_p, seed)
+    args = (q, k, v, grad_out, lse_s, delta, mask_arg, *strides, hq, hq // hk, sq, sk, d, dv, *scalars)
+    return (lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)), args, kwargs
+
+
+def _dkdv_launch(q, k, v, grad_out, lse_s, delta, mask, dk, dv, causal, scale, dropout_p, seed):
+    b, hq, sq, d = q.shape
+    hk, sk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
+    mask_arg, strides, scalars, kwargs = _bwd_shared(q, k, v, grad_out, mask, causal, scale, dropout_p, seed)
+    args = (q, k, v, grad_out, lse_s, delta, mask_arg, dk, dv, *strides, hq, hk, hq // hk, sq, sk, d, dv_dim, *scalars)
+    return (lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hk)), args, kwargs
+
+
+def _dq_launch(q, k, v, grad_out, lse_s, delta, mask, dq, causal, scale, dropout_p, seed):
+    b, hq, sq, d = q.shape
+    hk, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    mask_arg, strides, scalars, kwargs = _bwd_shared(q, k, v, grad_out, mask, causal, scale, dropout_p, seed)
+    args = (q, k, v, grad_out, lse_s, delta, mask_arg, dq, *strides, hq, hq // hk, sq, sk, d, dv, *scalars)
+    return (lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)), args, kwargs
+
+
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   out: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor], causal: bool,
                   scale: float, dropout_p: float, seed: int):
@@ -405,7 +464,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     each GQA group."""
     b, hq, sq, d = q.shape
     hk, sk, dv_dim = k.shape[1], k.shape[2], v.shape[3]
-    acc_dtype, acc_tl, dot_ieee, fp64 = _acc_types(q.dtype)
+    acc_dtype = _acc_types(q.dtype)[0]
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
     dq = torch.empty((b, hq, sq, d), dtype=q.dtype, device=q.device)
     dk = torch.empty((b, hk, sk, d), dtype=k.dtype, device=q.device)
@@ -413,34 +472,17 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     lse = lse.contiguous()
     delta = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
     lse_s = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
-    block_d, block_dv = _head_block(d), _head_block(dv_dim)
-    # Delta = rowsum(dO * O) for fp32/fp64 (preprocess); for 16-bit data rowsum(P * dP) (delta kernel)
-    delta_from_p = _is_16bit(q.dtype)
+    call = (causal, scale, dropout_p, seed)
     if b * hq * sq > 0:
-        block_m = _preprocess_block_m(block_dv)
-        _attn_bwd_preprocess_kernel[(triton.cdiv(sq, block_m), b * hq)](
-            out, grad_out, lse, delta, lse_s, *_stride3(out), *_stride3(grad_out), hq, sq, dv_dim,
-            BLOCK_M=block_m, BLOCK_DV=block_dv, ACC=acc_tl, FP64=fp64, DELTA_FROM_P=delta_from_p, num_warps=4)
-    mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
-    scale_hi, scale_lo = _split(scale)
-    p_hi, p_lo = _split(dropout_p)
-    common = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout_p > 0,
-                  BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=d == block_d, EVEN_DV=dv_dim == block_dv,
-                  ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET)
-    scalars = (scale_hi, scale_lo, p_hi, p_lo, _seed(seed))
-    if delta_from_p and b * hq * sq > 0:
-        _attn_bwd_delta[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
-            q, k, v, grad_out, lse_s, delta, mask_arg,
-            *_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides,
-            hq, hq // hk, sq, sk, d, dv_dim, *scalars, **common)
+        grid, args, kwargs = _preprocess_launch(out, grad_out, lse, delta, lse_s)
+        _attn_bwd_preprocess_kernel[grid](*args, **kwargs)
+        if kwargs["DELTA_FROM_P"]:
+            grid, args, kwargs = _delta_launch(q, k, v, grad_out, lse_s, delta, mask, *call)
+            _attn_bwd_delta[grid](*args, **kwargs)
     if b * hk * sk > 0:
-        _attn_bwd_dkdv[lambda meta: (triton.cdiv(sk, meta["BLOCK_N"]), b * hk)](
-            q, k, v, grad_out, lse_s, delta, mask_arg, dk, dv,
-            *_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides,
-            hq, hk, hq // hk, sq, sk, d, dv_dim, *scalars, **common)
+        grid, args, kwargs = _dkdv_launch(q, k, v, grad_out, lse_s, delta, mask, dk, dv, *call)
+        _attn_bwd_dkdv[grid](*args, **kwargs)
     if b * hq * sq > 0:
-        _attn_bwd_dq[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
-            q, k, v, grad_out, lse_s, delta, mask_arg, dq,
-            *_stride3(q), *_stride3(k), *_stride3(v), *_stride3(grad_out), *mask_strides,
-            hq, hq // hk, sq, sk, d, dv_dim, *scalars, **common)
+        grid, args, kwargs = _dq_launch(q, k, v, grad_out, lse_s, delta, mask, dq, *call)
+        _attn_bwd_dq[grid](*args, **kwargs)
     return dq, dk, dv

@@ -163,6 +163,48 @@ def decode_splits(batch_kv_heads: int, row_tiles: int, s_max: int, block_n: int,
     return max(1, min(wanted, triton.cdiv(max(s_max, 1), block_n), 128))
 
 
+
+def _decode_tiles(q, v_cache) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the split kernel, whose programs take BLOCK_M of
+    the group * Sq query rows of a GQA group."""
+    rows = q.shape[1] // v_cache.shape[1] * q.shape[2]
+    block_d = max(_head_block(q.shape[3]), _head_block(v_cache.shape[3]))
+    block_m = decode_block_m(rows, block_d, q.dtype)
+    return (block_m, *decode_config(block_m, block_d, q.dtype))
+
+
+# The launches below build the arguments of one kernel each, for attention_decode's tensors and for
+# the meta tensors of gpu_compile_cases (attention.py), which thus compile what is launched: (grid,
+# positional arguments, keyword arguments).
+
+
+def _decode_split_launch(q, k_cache, v_cache, seqlens, mask, o_part, lse_part, scale):
+    b, hq, sq, d = q.shape
+    hk, s_max, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
+    splits = o_part.shape[1]
+    _, acc_tl, dot_ieee, fp64 = _acc_types(q.dtype)
+    block_m, block_n, warps, stages = _decode_tiles(q, v_cache)
+    block_d, block_dv = _head_block(d), _head_block(dv)
+    mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
+    scale_hi, scale_lo = _split(scale)
+    group = hq // hk
+    args = (q, k_cache, v_cache, seqlens, mask_arg, o_part, lse_part,
+            *_stride3(q), *_stride3(k_cache), *_stride3(v_cache), *mask_strides,
+            hk, group, sq, s_max, d, dv, splits, scale_hi, scale_lo)
+    kwargs = dict(MASK_KIND=mask_kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
+                  EVEN_D=d == block_d, EVEN_DV=dv == block_dv, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
+                  INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
+    return (splits, b * hk, triton.cdiv(group * sq, block_m)), args, kwargs
+
+
+def _decode_combine_launch(o_part, lse_part, out, lse):
+    rows, splits, dv = o_part.shape
+    args = (o_part, lse_part, out, lse, splits, dv)
+    kwargs = dict(BLOCK_S=next_power_of_2(splits), BLOCK_DV=_head_block(dv), ACC=_acc_types(out.dtype)[1],
+                  num_warps=4)
+    return (rows,), args, kwargs
+
+
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      cache_seqlens: torch.Tensor, mask: Optional[torch.Tensor], scale: float):
     """Attention of Sq new queries against a KV cache (flash-decoding).
@@ -171,34 +213,20 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     cache_seqlens int32 [B] on q's device (valid lengths, clamped to S_max); query i sits at
     position L - Sq + i (engine.reference.decode_mask); mask None or a [B, Hq, Sq, S_max] view.
     Returns (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] fp32 (fp64 for fp64))."""
-    b, hq, sq, d = q.shape
+    b, hq, sq, _ = q.shape
     hk, s_max, dv = k_cache.shape[1], k_cache.shape[2], v_cache.shape[3]
-    acc_dtype, acc_tl, dot_ieee, fp64 = _acc_types(q.dtype)
+    acc_dtype = _acc_types(q.dtype)[0]
     out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
     if b * hq * sq == 0:
         return out, lse
-    group = hq // hk
-    rows = group * sq
-    block_d, block_dv = _head_block(d), _head_block(dv)
-    block_m = decode_block_m(rows, max(block_d, block_dv), q.dtype)
-    row_tiles = triton.cdiv(rows, block_m)
-    block_n, warps, stages = decode_config(block_m, max(block_d, block_dv), q.dtype)
-    splits = decode_splits(b * hk, row_tiles, s_max, block_n, q.device)
+    block_m, block_n, _, _ = _decode_tiles(q, v_cache)
+    splits = decode_splits(b * hk, triton.cdiv(hq // hk * sq, block_m), s_max, block_n, q.device)
     o_part = torch.empty((b * hq * sq, splits, dv), dtype=acc_dtype, device=q.device)
     lse_part = torch.empty((b * hq * sq, splits), dtype=acc_dtype, device=q.device)
-    mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
-    scale_hi, scale_lo = _split(scale)
     seqlens = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)
-    _attn_decode_split_kernel[(splits, b * hk, row_tiles)](
-        q, k_cache, v_cache, seqlens, mask_arg, o_part, lse_part,
-        *_stride3(q), *_stride3(k_cache), *_stride3(v_cache), *mask_strides,
-        hk, group, sq, s_max, d, dv, splits, scale_hi, scale_lo,
-        MASK_KIND=mask_kind, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        EVEN_D=d == block_d, EVEN_DV=dv == block_dv, ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64,
-        INTERPRET=INTERPRET, num_warps=warps, num_stages=stages)
-    _attn_decode_combine_kernel[(b * hq * sq,)](
-        o_part, lse_part, out, lse, splits, dv,
-        BLOCK_S=next_power_of_2(splits), BLOCK_DV=block_dv, ACC=acc_tl, num_warps=4)
+    grid, args, kwargs = _decode_split_launch(q, k_cache, v_cache, seqlens, mask, o_part, lse_part, scale)
+    _attn_decode_split_kernel[grid](*args, **kwargs)
+    grid, args, kwargs = _decode_combine_launch(o_part, lse_part, out, lse)
+    _attn_decode_combine_kernel[grid](*args, **kwargs)
     return out, lse
-

@@ -176,6 +176,28 @@ _attn_fwd = triton.autotune(_configs(fwd_candidates, _INTERPRET_FWD), key=_FWD_T
                             prune_configs_by=_pruner(fwd_candidates))(_attn_fwd_kernel)
 
 
+def _fwd_launch(q, k, v, mask, out, lse, keep, causal: bool, scale: float, dropout_p: float, seed: int):
+    """(grid, positional arguments, keyword arguments) of _attn_fwd_kernel for attention_fwd's tensors,
+    and for the meta tensors of gpu_compile_cases (attention.py), which thus compile what is launched.
+    out, lse, keep: the outputs as attention_fwd allocates them (keep None without the debug keep
+    mask). BLOCK_M and BLOCK_N are the autotuner's: the grid is a function of them."""
+    b, hq, sq, d = q.shape
+    hk, sk, dv = k.shape[1], k.shape[2], v.shape[3]
+    _, acc_tl, dot_ieee, fp64 = _acc_types(q.dtype)
+    mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
+    scale_hi, scale_lo = _split(scale)
+    p_hi, p_lo = _split(dropout_p)
+    block_d, block_dv = _head_block(d), _head_block(dv)
+    args = (q, k, v, mask_arg, out, lse, keep.view(torch.int8) if keep is not None else lse,
+            *_stride3(q), *_stride3(k), *_stride3(v), *mask_strides,
+            hq, hq // hk, sq, sk, d, dv,
+            scale_hi, scale_lo, p_hi, p_lo, _seed(seed))
+    kwargs = dict(CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout_p > 0, RETURN_KEEP=keep is not None,
+                  BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=d == block_d, EVEN_DV=dv == block_dv,
+                  ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET)
+    return (lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)), args, kwargs
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
                   causal: bool, scale: float, dropout_p: float, seed: int, return_dropout_mask: bool):
     """softmax(q k^T * scale + mask) v with flash-attention tiling.
@@ -184,27 +206,15 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optio
     mask None or a [B, Hq, Sq, Sk] stride-0-broadcast view, bool or float. Returns
     (out [B, Hq, Sq, Dv] in q's dtype, lse [B, Hq, Sq] fp32 (fp64 for fp64), keep bool
     [B, Hq, Sq, Sk] when return_dropout_mask and dropout_p > 0, else None)."""
-    b, hq, sq, d = q.shape
-    hk, sk, dv = k.shape[1], k.shape[2], v.shape[3]
-    acc_dtype, acc_tl, dot_ieee, fp64 = _acc_types(q.dtype)
+    b, hq, sq, _ = q.shape
+    sk, dv = k.shape[2], v.shape[3]
+    acc_dtype = _acc_types(q.dtype)[0]
     out = torch.empty((b, hq, sq, dv), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, sq), dtype=acc_dtype, device=q.device)
-    dropout = dropout_p > 0
-    return_keep = bool(return_dropout_mask and dropout)
+    return_keep = bool(return_dropout_mask and dropout_p > 0)
     keep = torch.empty((b, hq, sq, sk), dtype=torch.bool, device=q.device) if return_keep else None
     if b * hq * sq == 0:
         return out, lse, keep
-    mask_kind, mask_arg, mask_strides = _mask_args(mask, q)
-    scale_hi, scale_lo = _split(scale)
-    p_hi, p_lo = _split(dropout_p)
-    block_d, block_dv = _head_block(d), _head_block(dv)
-    _attn_fwd[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * hq)](
-        q, k, v, mask_arg, out, lse, keep.view(torch.int8) if return_keep else lse,
-        *_stride3(q), *_stride3(k), *_stride3(v), *mask_strides,
-        hq, hq // hk, sq, sk, d, dv,
-        scale_hi, scale_lo, p_hi, p_lo, _seed(seed),
-        CAUSAL=bool(causal), MASK_KIND=mask_kind, DROPOUT=dropout, RETURN_KEEP=return_keep,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, EVEN_D=d == block_d, EVEN_DV=dv == block_dv,
-        ACC=acc_tl, DOT_IEEE=dot_ieee, FP64=fp64, INTERPRET=INTERPRET,
-    )
+    grid, args, kwargs = _fwd_launch(q, k, v, mask, out, lse, keep, causal, scale, dropout_p, seed)
+    _attn_fwd[grid](*args, **kwargs)
     return out, lse, keep
