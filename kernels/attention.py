@@ -7,7 +7,7 @@ attention_with_kv_cache, dropout_uniform).
 This module is what engine.ops.attention registers as the triton backend: the launchers, their
 limits (supports, supports_decode) and gpu_compile_cases() for engine.readiness. Each direction's
 kernels sit with their launcher, and each kernel's arguments and grid are built by one function
-(`_<kernel>_launch`) that both the launcher and the compile cases below call:
+(`_fwd_launch`, `_dq_launch`, ...) that both the launcher and the compile cases below call:
     attention_forward.py    _attn_fwd_kernel; attention_fwd
     attention_backward.py   the preprocess, Delta, dK/dV and dQ kernels; attention_bwd
     attention_decode.py     the flash-decoding split and combine kernels; attention_decode
@@ -109,7 +109,6 @@ def supports_decode(args) -> list[str]:
     if args.cache_seqlens.dtype not in (torch.int32, torch.int64):
         reasons.append(f"cache_seqlens dtype {args.cache_seqlens.dtype} is not int32 or int64")
     return reasons
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -385,7 +385,6 @@ def _attn_bwd_delta_kernel(
     tl.store(Delta + bh * Sq + offs_m, delta, mask=row_ok)
 
 
-
 _attn_bwd_dkdv = triton.autotune(_configs(dkdv_candidates, _INTERPRET_DKDV), key=_TUNE_KEY,
                                  prune_configs_by=_pruner(dkdv_candidates))(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = triton.autotune(_configs(dq_candidates, _INTERPRET_DQ), key=_TUNE_KEY,

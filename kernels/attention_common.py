@@ -153,4 +153,3 @@ def _seed(seed: int) -> int:
 
 def _stride3(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
-

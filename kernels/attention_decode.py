@@ -146,7 +146,6 @@ def _attn_decode_combine_kernel(
     tl.store(Lse + row, tl.where(total == 0.0, float("-inf"), top + tl.log(total_safe)))
 
 
-
 def _machine_programs(device: torch.device) -> int:
     """Programs that fill the machine: two per SM on a GPU; in the interpreter (a Python loop
     per program) a small pretend machine, enough to exercise several splits."""
@@ -161,7 +160,6 @@ def decode_splits(batch_kv_heads: int, row_tiles: int, s_max: int, block_n: int,
     programs = max(1, batch_kv_heads * row_tiles)
     wanted = triton.cdiv(_machine_programs(device), programs)
     return max(1, min(wanted, triton.cdiv(max(s_max, 1), block_n), 128))
-
 
 
 def _decode_tiles(q, v_cache) -> tuple[int, int, int, int]:

@@ -171,7 +171,6 @@ def _attn_fwd_kernel(
     tl.store(Lse + bh * Sq + offs_m, lse, mask=row_ok)
 
 
-
 _attn_fwd = triton.autotune(_configs(fwd_candidates, _INTERPRET_FWD), key=_FWD_TUNE_KEY,
                             prune_configs_by=_pruner(fwd_candidates))(_attn_fwd_kernel)
 
