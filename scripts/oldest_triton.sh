@@ -25,7 +25,8 @@ py="$venv/bin/python"
 export TORCH_EXTENSIONS_DIR="$venv/torch_extensions"
 "$py" -c 'import triton; assert triton.__version__ == "3.6.0", triton.__version__'
 
-# The kernels' test files: tests/test_<module>.py for each kernels/<module>.py that has one.
+# The kernels' test files: tests/test_<module>.py for each kernels/<module>.py that has one
+# (tests/test_attention.py also covers attention.py's parts, kernels/attention_*.py).
 tests=()
 for kernel in kernels/[a-z]*.py; do
     name="$(basename "$kernel" .py)"
