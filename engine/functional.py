@@ -182,9 +182,9 @@ def attention_with_kv_cache(query: Tensor, k_cache: Tensor, v_cache: Tensor, cac
         raise ValueError(f"v_cache's heads and length {tuple(vc.shape[1:3])} differ from k_cache's {tuple(kc.shape[1:3])}")
     if (hk == 0 and hq != 0) or (hk != 0 and hq % hk != 0):
         raise ValueError(f"query heads ({hq}) must be a multiple of k_cache heads ({hk})")
-    if tuple(lengths.shape) != (b,):
+    if lengths.shape != (b,):
         raise ValueError(f"cache_seqlens must have shape ({b},), got {tuple(lengths.shape)}")
-    if lengths.device.type == "cpu" and lengths.numel():
+    if lengths.is_cpu and lengths.numel():
         values = lengths.tolist()  # one call (~1 us at B = 1) where min() < 0 or max() > s_max took ~10 us
         if min(values) < 0 or max(values) > s_max:
             raise ValueError(f"cache_seqlens must lie in [0, {s_max}] (the cache length), got {values}")
