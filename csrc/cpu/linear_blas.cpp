@@ -154,6 +154,10 @@ class WorkQueue {
   std::atomic<int64_t> next_{0};
 };
 
+// t as an operand of an out= op, which refuses inputs that require grad: detached only when it
+// requires grad (detach() is an ATen op, ~0.5 us through the dispatcher).
+at::Tensor without_grad(const at::Tensor& t) { return t.requires_grad() ? t.detach() : t; }
+
 // The type the CPU GEMMs take for storage type T: fp32 for fp16 (see the file comment).
 template <typename T>
 using gemm_t = std::conditional_t<std::is_same_v<T, half>, float, T>;
@@ -176,9 +180,9 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
   const bool fp16 = std::is_same_v<T, half>;
   // Operands of the GEMMs (detached: out= ops refuse inputs that require grad, and the caller's
   // grad mode, which the workers take, may be on).
-  const at::Tensor x_gemm = fp16 ? x.detach().to(at::kFloat) : x.detach();
-  const at::Tensor w_gemm = fp16 ? weight.detach().to(at::kFloat) : weight.detach();
-  const at::Tensor bias_gemm = bias.defined() ? bias.detach() : bias;
+  const at::Tensor x_gemm = fp16 ? x.detach().to(at::kFloat) : without_grad(x);
+  const at::Tensor w_gemm = fp16 ? weight.detach().to(at::kFloat) : without_grad(weight);
+  const at::Tensor bias_gemm = bias.defined() ? without_grad(bias) : bias;
   // Where each tile's product goes: fp16 -> a per-thread fp32 tile buffer; else straight into
   // pre (the epilogue adds the bias in place) or, without activation, into out.
   const at::Tensor& destination = activation != Activation::kNone ? pre : out;
@@ -188,6 +192,9 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
                               dropout_p > 0 || residual.defined();
   const T* bias_data = bias.defined() && !bias_in_gemm ? static_cast<const T*>(bias.data_ptr()) : nullptr;
 
+  // One tile (every small call) takes the operands whole, without narrow() views: each ATen op
+  // costs ~0.5-1 us through the dispatcher, several per tile.
+  const bool whole = tiles.row_count * tiles.col_count == 1;
   WorkQueue queue(tiles.row_count * tiles.col_count);
   parallel_region(tiles.threads, [&](int) {
     std::vector<A> scratch(kTileScratch * tiles.cols);
@@ -195,8 +202,8 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
     queue.run([&](int64_t index) {
       const int64_t r0 = (index / tiles.col_count) * tiles.rows, c0 = (index % tiles.col_count) * tiles.cols;
       const int64_t rows = std::min(tiles.rows, m - r0), cols = std::min(tiles.cols, n - c0);
-      const at::Tensor x_rows = x_gemm.narrow(0, r0, rows);
-      const at::Tensor w_cols_t = w_gemm.narrow(0, c0, cols).t();
+      const at::Tensor x_rows = whole ? x_gemm : x_gemm.narrow(0, r0, rows);
+      const at::Tensor w_cols_t = (whole ? w_gemm : w_gemm.narrow(0, c0, cols)).t();
       using P = std::conditional_t<std::is_same_v<T, half>, float, T>;
       LinearForwardTile<T, P> tile{};
       if constexpr (std::is_same_v<T, half>) {
@@ -205,9 +212,9 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
         tile.product = static_cast<const float*>(product_buffer.data_ptr());
         tile.product_stride = tiles.cols;
       } else {
-        at::Tensor product = destination.narrow(0, r0, rows).narrow(1, c0, cols);
+        at::Tensor product = whole ? destination : destination.narrow(0, r0, rows).narrow(1, c0, cols);
         if (bias_in_gemm)
-          at::addmm_out(product, bias_gemm.narrow(0, c0, cols), x_rows, w_cols_t);
+          at::addmm_out(product, whole ? bias_gemm : bias_gemm.narrow(0, c0, cols), x_rows, w_cols_t);
         else
           at::mm_out(product, x_rows, w_cols_t);
         tile.product = tile_pointer<T>(destination, r0, c0);

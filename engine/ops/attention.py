@@ -279,6 +279,7 @@ def attention_decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens:
     k_cache, v_cache = common.unit_last_stride(k_cache), common.unit_last_stride(v_cache)
     b, h, sq, _ = q.shape
     mask = None if mask is None else mask.expand(b, h, sq, k_cache.shape[2])
-    args = DecodeArgs(q, k_cache, v_cache, cache_seqlens.to(torch.int32), mask, float(scale))
+    lengths = cache_seqlens if cache_seqlens.dtype == torch.int32 else cache_seqlens.to(torch.int32)  # .to: ~0.5 us
+    args = DecodeArgs(q, k_cache, v_cache, lengths, mask, float(scale))
     chosen = backends.select(DECODE_OP, q.device, args, backend)
     return common.run(_attention_decode_op, None, _attention_decode, (*args, chosen), record_grad=False)

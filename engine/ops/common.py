@@ -37,13 +37,15 @@ def draw_seed() -> int:
 
 
 def unit_last_stride(t: Tensor) -> Tensor:
-    """t itself when its last dim has unit stride (or size 1), else a contiguous copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+    """t itself when its last dim has unit stride (or size 1), else a contiguous copy. (A
+    contiguous tensor, the common case, is known by one flag; t.stride(-1) costs ~0.4 us.)"""
+    return t if t.is_contiguous() or t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
 def rows(t: Tensor, n: int) -> Tensor:
-    """t [..., N] as [M, N] with unit column stride: a view when the layout allows, else a copy."""
-    return unit_last_stride(t.reshape(-1, n))
+    """t [..., N] as [M, N] with unit column stride: a view when the layout allows, else a copy.
+    A t already [M, N] is not reshaped (reshape costs ~1 us of a tiny call)."""
+    return unit_last_stride(t if t.dim() == 2 and t.shape[1] == n else t.reshape(-1, n))
 
 
 def dtype_reason(dtype: torch.dtype, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> list[str]:
