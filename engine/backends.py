@@ -205,21 +205,6 @@ def use(name: str):
         stack.pop()
 
 
-# The dict of encoded names and values behind os.environ on POSIX, which os.environ's setters and
-# deleters keep in step with it (CPython's os._Environ; monkeypatch.setenv goes through them).
-# os.environ.get costs ~0.6 us a call (Mapping.get, encoding the key, decoding the value), and
-# every op call reads ENGINE_BACKEND; a lookup here costs a tenth of that.
-_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
-
-
-def _environment_choice() -> Optional[str]:
-    """The ENGINE_BACKEND environment variable as os.environ holds it now, or None."""
-    if _ENVIRON_BYTES is None:
-        return os.environ.get("ENGINE_BACKEND")
-    value = _ENVIRON_BYTES.get(b"ENGINE_BACKEND")
-    return None if value is None else os.fsdecode(value)
-
-
 def explicit_choice(backend: Optional[str] = None) -> Optional[str]:
     """The backend the caller asked for: argument, then `use(...)`, then ENGINE_BACKEND."""
     if backend is not None:
@@ -230,7 +215,7 @@ def explicit_choice(backend: Optional[str] = None) -> Optional[str]:
     stack = _context.stack
     if stack:
         return stack[-1]
-    choice = _environment_choice()
+    choice = os.environ.get("ENGINE_BACKEND")
     if not choice:  # unset, or set to nothing as `ENGINE_BACKEND= cmd` does
         return None
     if choice not in BACKENDS:
