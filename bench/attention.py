@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import engine.functional as EF
-from bench.harness import Case, implemented
+from bench.harness import Case, implemented, parity_lines
 from engine import reference
 
 B, H, D = 4, 12, 64
@@ -101,6 +101,9 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
             yield _forward_case(s, causal, torch.float32, device, backends)
         for s in lengths:
             yield _backward_case(s, causal, torch.float32, device, backends)
+        if not quick:  # bf16 at the target length
+            yield _forward_case(TARGET_S, causal, torch.bfloat16, device, backends)
+            yield _backward_case(TARGET_S, causal, torch.bfloat16, device, backends)
     for batch in ((1,) if quick else (1, 8)):
         yield _decode_case(batch, 2048, torch.float32, device, decode_backends)
 
@@ -150,7 +153,7 @@ def peak_extra_mib(impl: str, s: int, device: torch.device) -> float:
 
 
 def targets(rows, ceilings) -> list[str]:
-    lines = []
+    lines = parity_lines(rows, ("attention", "attention_causal", "attention_decode"))
     shape = f"{B}x{H}x{TARGET_S}x{D}"
     pick = {(r.op, r.direction, r.implementation): r for r in rows if r.shape == shape and r.dtype == "float32"}
     for op, direction, goal in [("attention_causal", "fwd", 1.5), ("attention", "fwd", 1.0),

@@ -34,6 +34,8 @@ class Case:
     baseline: str = BASELINE     # the implementation speedups are measured against
     unchecked: tuple = ()        # implementations timed for comparison only (a different op)
     threads: Optional[int] = None  # torch.set_num_threads for this case only (None: the run's setting)
+    repeats: Optional[int] = None  # timed samples for this case only (None: the run's setting); for
+                                   # cases whose one call takes seconds (bf16 models on a CPU)
 
 
 @dataclass
@@ -59,6 +61,13 @@ def implemented(op: str, names: list[str]) -> list[str]:
     from engine import backends
 
     return [name for name in names if name in backends.ops().get(op, ())]
+
+
+def compiled(fn: Callable) -> Callable:
+    """torch.compile(fn) with dynamo's caches reset first, so that each case compiles its own
+    graphs for its own shapes and dtypes (and no earlier case's recompile limit applies)."""
+    torch._dynamo.reset()
+    return torch.compile(fn)
 
 
 def synchronize(device: torch.device) -> None:
@@ -138,7 +147,7 @@ def run_case(case: Case, device: torch.device, ceilings: Ceilings, repeats: int)
     threads = torch.get_num_threads()
     torch.set_num_threads(case.threads or threads)
     try:
-        times = median_seconds(case.implementations, device, repeats)
+        times = median_seconds(case.implementations, device, case.repeats or repeats)
     finally:
         torch.set_num_threads(threads)
     base = times.get(case.baseline)
@@ -154,6 +163,33 @@ def run_case(case: Case, device: torch.device, ceilings: Ceilings, repeats: int)
             tflop_per_s=tflops, pct_of_matmul=100 * tflops / ceilings.matmul_tflop_per_s if tflops else None,
             speedup=base / seconds if base else None, max_error=error, sweep=case.sweep))
     return rows
+
+
+def parity_lines(rows: list[Row], ops: tuple, goal: float = 1.0) -> list[str]:
+    """Issue 12's "every row" targets for the cases of `ops`: the engine's fastest backend other than
+    reference against torch eager, and against torch.compile where the case timed it. One line per
+    comparison: how many cases meet `goal`, and which do not, with their ratios."""
+    cases: dict = {}
+    for r in rows:
+        if r.op in ops:
+            cases.setdefault((r.op, r.direction, r.shape, r.dtype), {})[r.implementation] = r
+    lines = []
+    for other in (BASELINE, "torch.compile"):
+        met, short = 0, []
+        for key, group in cases.items():
+            engine = [r for name, r in group.items() if name.startswith("engine:") and name != "engine:reference"]
+            if not engine or other not in group:
+                continue
+            best = min(engine, key=lambda r: r.median_ms)
+            ratio = group[other].median_ms / best.median_ms
+            if ratio >= goal:
+                met += 1
+            else:
+                short.append(f"{' '.join(key)} {ratio:.2f}x")
+        if met or short:
+            lines.append(f"{'/'.join(ops)}: engine >= {goal}x {other} in {met} of {met + len(short)} cases"
+                         + (f"; below: {', '.join(short)}" if short else ""))
+    return lines
 
 
 class Progress:

@@ -1,6 +1,9 @@
 """Benchmarks of the fused feed-forward pieces: linear with GeLU in the epilogue, the whole FFN
-block, and GeLU alone; forward and forward+backward; every engine backend against eager PyTorch
-and torch.compile, with the bare matrix product of the same shape for scale.
+block, and GeLU alone; forward and forward+backward, fp32 and bf16; every engine backend against
+eager PyTorch and torch.compile, with the bare matrix product of the same shape and dtype for scale.
+bf16 products run at M = 1024 only: on a CPU without bf16 dot-product instructions (AVX2, or
+AVX-512 without avx512_bf16) torch's bf16 GEMM is ~8x slower than its fp32 GEMM (x [4096, 768] @
+W^T [768, 3072]: ~1.05 s against ~0.13 s on the 2-core AVX2 VM), and M = 4096 would take minutes.
 
 FLOPs: a product [M, K] x [K, N] is 2*M*N*K; forward+backward of a linear layer is 3x its
 forward (dX and dW are one product each). The FFN block is two products, [M, d] x [d, d_ff] and
@@ -11,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import engine.functional as EF
-from bench.harness import Case, implemented
+from bench.harness import Case, compiled, implemented, parity_lines
 from engine import reference
 
 M, D_MODEL, D_FF = 4096, 768, 3072
@@ -36,18 +39,13 @@ def _torch_ffn(x, w1, b1, w2, b2):
     return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
 
 
-def _compiled(fn):
-    torch._dynamo.reset()
-    return torch.compile(fn)
-
-
 def _linear_gelu_cases(m, dtype, device, backends, with_compile):
     x, w1, b1, _, _ = _params(m, dtype, device, False)
     impls = {f"engine:{be}": (lambda be=be: EF.linear(x, w1, b1, "gelu", backend=be)) for be in backends}
     impls["torch eager"] = lambda: _torch_linear_gelu(x, w1, b1)
     if with_compile:
-        compiled = _compiled(_torch_linear_gelu)
-        impls["torch.compile"] = lambda: compiled(x, w1, b1)
+        compiled_forward = compiled(_torch_linear_gelu)
+        impls["torch.compile"] = lambda: compiled_forward(x, w1, b1)
     impls["torch matmul alone"] = lambda: torch.mm(x, w1.t())
     expected = lambda: reference.linear(x.double(), w1.double(), b1.double(), "gelu")[0]  # noqa: E731
     flops = 2 * m * D_FF * D_MODEL
@@ -64,7 +62,7 @@ def _linear_gelu_cases(m, dtype, device, backends, with_compile):
              for be in backends}
     impls["torch eager"] = lambda: step(_torch_linear_gelu)
     if with_compile:
-        compiled_step = _compiled(_torch_linear_gelu)
+        compiled_step = compiled(_torch_linear_gelu)
         impls["torch.compile"] = lambda: step(compiled_step)
 
     def expected_grad():
@@ -80,8 +78,8 @@ def _ffn_cases(m, dtype, device, backends, with_compile):
     impls = {f"engine:{be}": (lambda be=be: EF.feed_forward(*params, backend=be)) for be in backends}
     impls["torch eager"] = lambda: _torch_ffn(*params)
     if with_compile:
-        compiled = _compiled(_torch_ffn)
-        impls["torch.compile"] = lambda: compiled(*params)
+        compiled_forward = compiled(_torch_ffn)
+        impls["torch.compile"] = lambda: compiled_forward(*params)
     expected = lambda: _torch_ffn(*(t.double() for t in params))  # noqa: E731
     flops = 2 * 2 * m * D_FF * D_MODEL
     yield Case("feed_forward", "fwd", f"{m}x{D_MODEL}x{D_FF}", dtype, impls, expected, flops=flops, sweep={"rows": m})
@@ -95,7 +93,7 @@ def _ffn_cases(m, dtype, device, backends, with_compile):
     impls = {f"engine:{be}": (lambda be=be: step(lambda *p: EF.feed_forward(*p, backend=be))) for be in backends}
     impls["torch eager"] = lambda: step(_torch_ffn)
     if with_compile:
-        compiled_step = _compiled(_torch_ffn)
+        compiled_step = compiled(_torch_ffn)
         impls["torch.compile"] = lambda: step(compiled_step)
 
     def expected_grad():
@@ -106,36 +104,63 @@ def _ffn_cases(m, dtype, device, backends, with_compile):
                sweep={"rows": m})
 
 
-def _gelu_cases(numel, dtype, device, backends):
-    x = torch.randn(numel, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+def _gelu_cases(numel, dtype, device, backends, with_compile):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(numel, generator=g).to(device, dtype)
     impls = {f"engine:{be}": (lambda be=be: EF.gelu(x, backend=be)) for be in backends}
     impls["torch eager"] = lambda: F.gelu(x)
+    if with_compile:
+        compiled_gelu = compiled(F.gelu)
+        impls["torch.compile"] = lambda: compiled_gelu(x)
     yield Case("gelu", "fwd", f"{numel}", dtype, impls, lambda: F.gelu(x.double()),
                bytes_moved=2 * numel * x.element_size(), sweep={"numel": numel})
+
+    xg = x.detach().clone().requires_grad_()
+    dy = torch.randn(numel, generator=g).to(device, dtype)
+
+    def step(call):  # forward + backward; returns dx
+        return torch.autograd.grad(call(xg), xg, dy)[0]
+
+    impls = {f"engine:{be}": (lambda be=be: step(lambda t: EF.gelu(t, backend=be))) for be in backends}
+    impls["torch eager"] = lambda: step(F.gelu)
+    if with_compile:
+        compiled_step = compiled(F.gelu)
+        impls["torch.compile"] = lambda: step(compiled_step)
+
+    def expected_grad():
+        x64 = xg.detach().double().requires_grad_()
+        return torch.autograd.grad(F.gelu(x64), x64, dy.double())[0]
+
+    yield Case("gelu", "fwd+bwd", f"{numel}", dtype, impls, expected_grad,
+               bytes_moved=5 * numel * x.element_size(), sweep={"numel": numel})
 
 
 def cases(device: torch.device, quick: bool, backends: list[str]):
     linear_backends = implemented("linear", backends)
-    for m in ([QUICK_M] if quick else [1024, M]):
-        with_compile = m == M and not quick
-        yield from _linear_gelu_cases(m, torch.float32, device, linear_backends, with_compile)
-        yield from _ffn_cases(m, torch.float32, device, linear_backends, with_compile)
-    for numel in ([2**22] if quick else [2**20, 2**22, 2**24]):
-        yield from _gelu_cases(numel, torch.float32, device, implemented("gelu", backends))
+    shapes = [(QUICK_M, torch.float32)] if quick else [(1024, torch.float32), (M, torch.float32),
+                                                       (QUICK_M, torch.bfloat16)]
+    for m, dtype in shapes:
+        with_compile = not quick and (m == M or dtype == torch.bfloat16)
+        yield from _linear_gelu_cases(m, dtype, device, linear_backends, with_compile)
+        yield from _ffn_cases(m, dtype, device, linear_backends, with_compile)
+    gelu_backends = implemented("gelu", backends)
+    for dtype in [torch.float32] if quick else [torch.float32, torch.bfloat16]:
+        for numel in [2**22] if quick else [2**20, 2**22, 2**24]:
+            yield from _gelu_cases(numel, dtype, device, gelu_backends, with_compile=not quick and numel == 2**22)
 
 
 def targets(rows, ceilings) -> list[str]:
-    lines = []
-    pick = {(r.op, r.direction, r.implementation): r for r in rows
-            if r.shape.startswith(f"{M}x") and r.dtype == "float32"}
-    fused = pick.get(("linear_gelu", "fwd", "engine:cpu"))
-    bare = pick.get(("linear_gelu", "fwd", "torch matmul alone"))
-    if fused and bare:
-        lines.append(f"linear(activation='gelu') fwd, cpu backend, x [{M}, {D_MODEL}] W [{D_FF}, {D_MODEL}] fp32: "
-                     f"{fused.median_ms / bare.median_ms:.3f}x the bare matmul's time (target <= 1.05x), "
-                     f"{fused.speedup:.2f}x eager F.gelu(F.linear(...)) (target >= 1.15x)")
-    ffn = pick.get(("feed_forward", "fwd+bwd", "engine:cpu"))
-    if ffn:
-        lines.append(f"feed_forward fwd+bwd, cpu backend, [{M}, {D_MODEL}] d_ff {D_FF} fp32: {ffn.speedup:.2f}x eager "
-                     f"PyTorch (target >= 1.1x)")
+    lines = parity_lines(rows, ("linear_gelu", "feed_forward", "gelu"))
+    pick = {(r.op, r.direction, r.shape, r.dtype, r.implementation): r for r in rows}
+    for (op, direction, shape, dtype, name), fused in pick.items():
+        if name != "engine:cpu":
+            continue
+        bare = pick.get((op, direction, shape, dtype, "torch matmul alone"))
+        if op == "linear_gelu" and bare:
+            lines.append(f"linear(activation='gelu') fwd, cpu backend, {shape} {dtype}: "
+                         f"{fused.median_ms / bare.median_ms:.3f}x the time of torch.mm alone in {dtype} "
+                         f"(target <= 1.03x)")
+        if (op, direction) == ("feed_forward", "fwd+bwd"):
+            lines.append(f"feed_forward fwd+bwd, cpu backend, {shape} {dtype}: {fused.speedup:.2f}x eager "
+                         f"PyTorch (target >= 1.05x)")
     return lines
