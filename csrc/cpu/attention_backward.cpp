@@ -262,7 +262,7 @@ void delta_from_out(const AttentionBackwardArgs<T>& a, const Shape<AttentionBack
   using A = acc_t<T>;
   const int64_t rows_total = sh.B * sh.Hq * sh.Sq;
   constexpr int64_t kDeltaRows = 16;
-#if defined(__AVX512F__)
+#if defined(ENGINE_ATTENTION_MICRO_KERNEL)
   const int64_t chunk = std::is_same_v<A, float> ? kChunk : sh.Dv;  // as the dP micro-kernel sums
 #else
   const int64_t chunk = sh.Dv;

@@ -18,7 +18,9 @@ template <typename A>
 void gemm(int64_t M, int64_t N, int64_t K, const A* a, int64_t a_ms, int64_t a_ks, const A* b, int64_t ldb,
           A* c, int64_t ldc, Init init, const A* row_scale = nullptr);
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// fp32 tiles run on a register-blocked micro-kernel (16 lanes with AVX-512, 8 with AVX2).
+#define ENGINE_ATTENTION_MICRO_KERNEL 1
 // The fp32 micro-kernel's chunk (backward's delta sums in the same chunks). Accuracy: the sum over k runs in chunks of kChunk terms, each in a fresh register chain that is
 // then added to C (kept in L1), rather than in one chain of K terms: sums with cancellation
 // (scores, dP, whose terms have both signs) then carry the rounding error of ~kChunk + K / kChunk
