@@ -46,7 +46,8 @@ static A row_reduce(int64_t n, Term term) {
     for (int lane = 0; lane < kLanes; ++lane) partial[lane] += term(j + lane);
   }
   A total = 0;
-  for (; j < n; ++j) total += term(j);
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = j; k < n; ++k) total += term(k);
   return total + fold_lanes(partial);
 }
 
@@ -115,18 +116,6 @@ static void parallel_rows(int num_threads, Body&& body) {
   body();
 }
 
-// A chunk of kLanes elements of `src` in the accumulator type: in place for fp32/fp64 data,
-// converted into `scratch` (whole vectors at a time, see load_row) for 16-bit data.
-template <typename T>
-static const acc_t<T>* chunk_as_acc(const T* src, acc_t<T>* scratch) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) {
-    return src;
-  } else {
-    load_row(src, scratch, kLanes);
-    return scratch;
-  }
-}
-
 // Whether GCC vectorizes a loop that converts one element at a time with to_acc / from_acc:
 // yes for fp32, fp64 and bfloat16 (bit operations); not for half, whose vector conversions are
 // F16C intrinsics that only load_row / store_row use.
@@ -164,7 +153,8 @@ static void write_row(T* dst, int64_t n, bool streaming, Value value) {
     for (int lane = 0; lane < kLanes; ++lane) lanes[lane] = value(j + lane);
     store_chunk(lanes, dst + j, streaming);
   }
-  for (; j < n; ++j) dst[j] = from_acc<T>(value(j));
+#pragma omp simd
+  for (int64_t k = j; k < n; ++k) dst[k] = from_acc<T>(value(k));
 }
 
 // The forward's first pass over a row, the only one that reads main memory: the row to normalize
@@ -196,7 +186,8 @@ static acc_t<T> load_row_and_sum(const LayerNormForwardArgs<T>& args, int64_t r,
       }
     }
     A total = 0;
-    for (; j < n; ++j) total += buffer[j] = to_acc(x[j]);
+#pragma omp simd reduction(+ : total)
+    for (int64_t k = j; k < n; ++k) total += buffer[k] = to_acc(x[k]);
     return total + fold_lanes(partial);
   }
   // Normalize the sum as stored (rounded to T), so that backward, which reads the stored sum,
@@ -220,25 +211,29 @@ static acc_t<T> load_row_and_sum(const LayerNormForwardArgs<T>& args, int64_t r,
     j = stream_head(sum, n, streaming);
     for (int64_t k = 0; k < j; ++k) total += add(k);
     for (; j + kLanes <= n; j += kLanes) {
-      A x_scratch[kLanes], residual_scratch[kLanes];
-      const A* xa = chunk_as_acc(x + j, x_scratch);
-      const A* ra = chunk_as_acc(residual + j, residual_scratch);
-      A* lanes = buffer + j;
+      T rounded[kLanes];  // this chunk of the sum, as stored
+      if constexpr (kConvertsInLoops<T>) {
 #pragma omp simd
-      for (int lane = 0; lane < kLanes; ++lane) lanes[lane] = xa[lane] + ra[lane];
-      if constexpr (std::is_same_v<T, A>) {
-        put_chunk<T, kLanes>(lanes, sum + j, streaming);
+        for (int lane = 0; lane < kLanes; ++lane) {
+          rounded[lane] = from_acc<T>(to_acc(x[j + lane]) + to_acc(residual[j + lane]));
+          partial[lane] += buffer[j + lane] = to_acc(rounded[lane]);
+        }
       } else {
-        T rounded[kLanes];
-        store_row(lanes, rounded, kLanes);
-        put_chunk<T, kLanes>(rounded, sum + j, streaming);
-        load_row(rounded, lanes, kLanes);
-      }
+        A x_scratch[kLanes], residual_scratch[kLanes], lanes[kLanes];
+        load_row(x + j, x_scratch, kLanes);
+        load_row(residual + j, residual_scratch, kLanes);
 #pragma omp simd
-      for (int lane = 0; lane < kLanes; ++lane) partial[lane] += lanes[lane];
+        for (int lane = 0; lane < kLanes; ++lane) lanes[lane] = x_scratch[lane] + residual_scratch[lane];
+        store_row(lanes, rounded, kLanes);
+        load_row(rounded, buffer + j, kLanes);
+#pragma omp simd
+        for (int lane = 0; lane < kLanes; ++lane) partial[lane] += buffer[j + lane];
+      }
+      put_chunk<T, kLanes>(rounded, sum + j, streaming);
     }
   }
-  for (; j < n; ++j) total += add(j);
+#pragma omp simd reduction(+ : total)
+  for (int64_t k = j; k < n; ++k) total += add(k);
   return total + fold_lanes(partial);
 }
 
@@ -340,14 +335,15 @@ void layer_norm_backward(const LayerNormBackwardArgs<T>& args, int num_threads) 
         }
       }
       A g_xhat = 0, g_total = 0;
-      for (; j < n; ++j) {
-        if constexpr (!std::is_same_v<T, A>) x_buffer[j] = to_acc(x_row[j]), dy_buffer[j] = to_acc(dy_row[j]);
-        const A xhat = (x[j] * half - half_mean) * rstd_twice;
-        const A g = dy[j] * w[j];
+#pragma omp simd reduction(+ : g_xhat, g_total)
+      for (int64_t k = j; k < n; ++k) {
+        if constexpr (!std::is_same_v<T, A>) x_buffer[k] = to_acc(x_row[k]), dy_buffer[k] = to_acc(dy_row[k]);
+        const A xhat = (x[k] * half - half_mean) * rstd_twice;
+        const A g = dy[k] * w[k];
         g_xhat += g * xhat;
         g_total += g;
-        dweight[j] += dy[j] * xhat;
-        dbias[j] += dy[j];
+        dweight[k] += dy[k] * xhat;
+        dbias[k] += dy[k];
       }
       g_xhat += fold_lanes(g_xhat_lanes);
       g_total += fold_lanes(g_lanes);
