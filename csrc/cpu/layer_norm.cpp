@@ -1,8 +1,10 @@
 // CPU layer norm / RMS norm, forward and backward (math in csrc/common/layer_norm.h).
 // Memory traffic per row of N elements: forward reads x (and residual) and writes y (and the
-// sum); backward reads dy, x (and dsum) and writes dx. Each row is converted once into a
-// thread-local accumulator buffer (N * 4 bytes, in L1/L2), and every pass after the first reads
-// that buffer, so main memory sees each element once.
+// sum); backward reads dy, x (and dsum) and writes dx. The first pass over a row reads it from
+// memory, converts 16-bit rows (and adds the residual) into a thread-local accumulator buffer
+// (N * 4 bytes, in L1/L2) while it sums; the passes after it read that buffer (fp32 rows: the row
+// itself, now in cache), and the last writes the output straight from the loop that computes it,
+// so main memory sees each element once.
 #include "cpu/layer_norm.h"
 
 #include <omp.h>
