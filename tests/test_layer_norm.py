@@ -118,6 +118,24 @@ def test_gradcheck_float64(variant, backend, device):
 
 
 @pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", ["layer_norm", "add_layer_norm", "add_rms_norm"])
+def test_cpu_streamed_outputs(variant, dtype):
+    """Outputs over 16 MiB, which the CPU kernels write with streaming stores, kLanes at a time
+    from an aligned element: rows of an odd width start at every alignment, and end in a tail."""
+    skip_unless_runs("cpu", "cpu")
+    width = 1025
+    rows = 4100 if dtype == torch.float32 else 8200  # > 16 MiB of y alone
+    inputs = make_inputs(variant, (rows, width), dtype, "cpu")
+    ours = outputs_and_grads(lambda *a: engine_call(variant, *a, 1e-5, "cpu"), inputs)
+    baseline = outputs_and_grads(lambda *a: torch_call(variant, *a, 1e-5), inputs)
+    inputs64 = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    expected = outputs_and_grads(lambda *a: torch_call(variant, *a, 1e-5), inputs64)
+    for index, (actual, exp, base) in enumerate(zip(ours, expected, baseline)):
+        assert_matches_reference(actual, exp, base, name=f"{variant} output {index}", reduction_length=rows)
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 @pytest.mark.parametrize("layout", ["row_strided", "transposed", "expanded_batch"])
 def test_non_contiguous_input(layout, backend, device):

@@ -102,43 +102,43 @@ inline void store_row<half>(const float* src, half* dst, int64_t n) {
 }
 #endif
 
-// A row in the accumulator type: fp32/fp64 rows are used in place, 16-bit rows are converted
-// into `buffer`.
-template <typename T>
-inline const acc_t<T>* row_as_acc(const T* row, acc_t<T>* buffer, int64_t n) {
-  if constexpr (std::is_same_v<T, acc_t<T>>) {
-    return row;
-  } else {
-    load_row(row, buffer, n);
-    return buffer;
-  }
-}
-
 // Outputs larger than this are written with streaming (non-temporal) stores: they would not
 // stay in cache until the next op reads them, and streaming skips reading each destination
 // line into cache before overwriting it, which saves a third of the memory traffic of a write.
 constexpr int64_t kStreamingBytes = int64_t(16) << 20;
 
-inline void stream_floats(const float* src, float* dst, int64_t n) {
-  int64_t j = 0;
-#if defined(__AVX512F__)
-  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 63); ++j) dst[j] = src[j];
-  for (; j + 16 <= n; j += 16) _mm512_stream_ps(dst + j, _mm512_loadu_ps(src + j));
-#elif defined(__AVX__)
-  for (; j < n && (reinterpret_cast<uintptr_t>(dst + j) & 31); ++j) dst[j] = src[j];
-  for (; j + 8 <= n; j += 8) _mm256_stream_ps(dst + j, _mm256_loadu_ps(src + j));
+// Streaming stores start at a cache line: a line that takes both streaming and plain stores (the
+// row's neighbours are written plainly) is read into cache and flushed again: with 32-byte
+// alignment add layer norm ran at 0.75x torch at 4097 x 1025 fp32 against 0.99x (one thread).
+constexpr int kStreamAlign = 64;
+
+inline bool stream_aligned(const void* p) { return (reinterpret_cast<uintptr_t>(p) & (kStreamAlign - 1)) == 0; }
+
+// Copies `count` elements (count * sizeof(T) a multiple of kStreamAlign) from `chunk` to `dst`,
+// with streaming stores (32 bytes each, AVX) when asked and dst is aligned for them.
+template <typename T, int count>
+inline void put_chunk(const T* chunk, T* dst, bool streaming) {
+  static_assert(count * sizeof(T) % kStreamAlign == 0);
+#if defined(__AVX__)
+  if (streaming && stream_aligned(dst)) {
+    for (int offset = 0; offset < count * int(sizeof(T)); offset += 32) {
+      const char* from = reinterpret_cast<const char*>(chunk) + offset;
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(reinterpret_cast<char*>(dst) + offset),
+                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)));
+    }
+    return;
+  }
 #endif
-  for (; j < n; ++j) dst[j] = src[j];
+  std::memcpy(dst, chunk, count * sizeof(T));
 }
 
-// Writes a row computed in the accumulator type: converted to T, streamed for large fp32
-// outputs (the caller then ends its writes with finish_streaming()).
+// Elements to handle one at a time before dst + j is aligned for streaming stores (0 without).
 template <typename T>
-inline void write_row(const acc_t<T>* src, T* dst, int64_t n, bool streaming) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (streaming) return stream_floats(src, dst, n);
-  }
-  store_row(src, dst, n);
+inline int64_t stream_head(const T* dst, int64_t n, bool streaming) {
+  if (!streaming) return 0;
+  int64_t j = 0;
+  while (j < n && !stream_aligned(dst + j)) ++j;
+  return j;
 }
 
 // Streaming stores are weakly ordered: fence them before another thread or op reads the data.
