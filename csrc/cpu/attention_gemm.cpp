@@ -91,8 +91,8 @@ constexpr int kMR = 6;
 constexpr int kNV = 2;
 #endif
 
-// An MR x (W NV) block of C in registers. With Tail, `last` masks the lanes of the last vector
-// (N % W != 0); full panels take plain loads and stores. The sum over k runs in chunks of kChunk
+// An MR x (W NV) block of C in registers. With Tail, the last vector holds `tail` < W columns
+// (N % W != 0) and is loaded and stored through a mask; full panels take plain loads and stores. The sum over k runs in chunks of kChunk
 // terms (see cpu/attention_gemm.h).
 template <int MR, int NV, bool Tail>
 __attribute__((always_inline)) inline Vec::V load_vector(const float* p, int v, Vec::Mask last) {
@@ -110,7 +110,8 @@ __attribute__((always_inline)) inline void load_block(Vec::V (&acc)[MR][NV], con
 
 template <int MR, int NV, bool Tail>
 inline void micro_kernel(int64_t K, const float* a, int64_t a_ms, int64_t a_ks, const float* b, int64_t ldb,
-                         float* c, int64_t ldc, Init init, const float* row_scale, Vec::Mask last) {
+                         float* c, int64_t ldc, Init init, const float* row_scale, int tail) {
+  const Vec::Mask last = Vec::first_lanes(tail);
   Vec::V acc[MR][NV];
   if (init == Init::zero) {
 #pragma GCC unroll 8
@@ -180,7 +181,7 @@ inline void micro_kernel(int64_t K, const float* a, int64_t a_ms, int64_t a_ks, 
 }
 
 using MicroKernel = void (*)(int64_t, const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t,
-                             Init, const float*, Vec::Mask);
+                             Init, const float*, int);
 
 // The table of micro-kernels [mr - 1][nv - 1] for register blocks of up to MR x NV vectors.
 template <bool Tail, int MR, int NV, int... Vs>
@@ -202,12 +203,11 @@ void gemm_micro_kernels(int64_t M, int64_t N, int64_t K, const float* a, int64_t
     const int64_t width = std::min<int64_t>(Vec::W * kNV, N - n0);
     const int nv = static_cast<int>((width + Vec::W - 1) / Vec::W);
     const int tail = static_cast<int>(width - Vec::W * (nv - 1));
-    const Vec::Mask last = Vec::first_lanes(tail);
     const auto& kernels = tail == Vec::W ? full_kernels : tail_kernels;
     for (int64_t m0 = 0; m0 < M; m0 += kMR) {
       const int mr = static_cast<int>(std::min<int64_t>(kMR, M - m0));
       kernels[mr - 1][nv - 1](K, a + m0 * a_ms, a_ms, a_ks, b + n0, ldb, c + m0 * ldc + n0, ldc, init,
-                              row_scale ? row_scale + m0 : nullptr, last);
+                              row_scale ? row_scale + m0 : nullptr, tail);
     }
   }
 }
