@@ -12,9 +12,10 @@
 // fp32 GEMM on AVX-512 machines without fp16 FMA). bf16 products run on torch's bf16 GEMM (oneDNN),
 // which also adds the bias (so that pre is rounded once, as in torch's own bf16 F.linear), where
 // the CPU has bf16 dot products (avx512_bf16 or AMX on x86, the BF16 extension on Arm: 2x the fp32
-// GEMM's speed on Zen 4); elsewhere they too run in fp32 on fp32 copies, the bias added in fp32 and
-// pre rounded once: on a 2-core AVX2 VM torch's bf16 GEMM (emulated) is ~8x slower than its fp32
-// GEMM (x [4096, 768] @ W [3072, 768]^T: 1040 against 135 ms). fp32 accumulation either way.
+// GEMM's speed on Zen 4); elsewhere (from kWidenedBf16Rows rows up) they too run in fp32 on fp32
+// copies, the bias added in fp32 and pre rounded once: on a 2-core AVX2 VM torch's bf16 GEMM
+// (emulated) is ~8x slower than its fp32 GEMM (x [4096, 768] @ W [3072, 768]^T: 1040 against
+// 135 ms). fp32 accumulation either way.
 #include "cpu/linear_blas.h"
 
 #include <ATen/Parallel.h>
@@ -191,14 +192,20 @@ bool native_bf16_products() {
 // requires grad (detach() is an ATen op, ~0.5 us through the dispatcher).
 at::Tensor without_grad(const at::Tensor& t) { return t.requires_grad() ? t.detach() : t; }
 
-// Calls fn(P{}) with P the type the products of storage type T run in: fp32 for fp16, and for
-// bf16 without native bf16 products (see the file comment); else T.
+// bf16 products with fewer rows than this stay on torch's bf16 GEMM even without native bf16
+// products: there the fp32 copy of W costs more than the product. x [M, 768] @ W [3072, 768]^T +
+// bias, gelu, 2 threads, AVX2, fp32 against bf16 products: M = 1: 0.62-0.77 against 0.36-0.39 ms;
+// M = 2: 0.9 against 0.6-0.7; M = 4: 0.93-1.5 against 1.2-1.4; M = 8: 1.36-1.55 against 2.1-2.4.
+constexpr int64_t kWidenedBf16Rows = 8;
+
+// Calls fn(P{}) with P the type the products of storage type T run in, for x with `rows` rows:
+// fp32 for fp16, and for bf16 without native bf16 products (see the file comment); else T.
 template <typename T, typename Fn>
-void with_product_type(Fn&& fn) {
+void with_product_type(int64_t rows, Fn&& fn) {
   if constexpr (std::is_same_v<T, half>) {
     fn(float{});
   } else if constexpr (std::is_same_v<T, bfloat16>) {
-    if (native_bf16_products()) fn(bfloat16{});
+    if (native_bf16_products() || rows < kWidenedBf16Rows) fn(bfloat16{});
     else fn(float{});
   } else {
     fn(T{});
@@ -211,7 +218,7 @@ template <typename T>
 void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, Activation activation,
                     double dropout_p, uint64_t seed, const at::Tensor& residual, const at::Tensor& out,
                     const at::Tensor& pre, const at::Tensor& keep) {
-  with_product_type<T>([&](auto product_type) {
+  with_product_type<T>(x.size(0), [&](auto product_type) {
     using A = acc_t<T>;
     using P = decltype(product_type);
     constexpr bool widened = !std::is_same_v<P, T>;  // products in fp32 on fp32 copies of x and W
@@ -286,7 +293,7 @@ void linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::
                          const at::Tensor& pre, Activation activation, double dropout_p, uint64_t seed,
                          bool need_weight_grad, bool need_bias_grad, at::Tensor& dx, at::Tensor& dweight,
                          at::Tensor& dbias) {
-  with_product_type<T>([&](auto product_type) {
+  with_product_type<T>(x.size(0), [&](auto product_type) {
     using G = decltype(product_type);
     constexpr bool widened = !std::is_same_v<G, T>;  // products in fp32 on fp32 copies of x and W
     const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
