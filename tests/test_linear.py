@@ -1,5 +1,10 @@
 """gelu, linear (fused bias + activation), feed_forward (fused bias, activation, dropout,
 residual) on every backend against the float64 reference; dropout; gradcheck; bad inputs; modules."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,6 +146,49 @@ def test_non_contiguous_weight_and_input(backend, device):
     out = EF.linear(x, w, b, "gelu", backend=backend)
     expected = F.gelu(F.linear(x.double(), w.double(), b.double()))
     assert_matches_reference(out, expected, F.gelu(F.linear(x, w, b)), reduction_length=24)
+
+
+# The cpu backend runs bf16 products on torch's bf16 GEMM where the CPU has bf16 dot products, else
+# in fp32 (csrc/cpu/linear_blas.cpp), decided once per process; ENGINE_CPU_BF16_PRODUCTS forces
+# either answer, so each runs here in a fresh process.
+BF16_PRODUCTS_SCRIPT = """
+import torch, torch.nn.functional as F
+import engine.functional as EF
+from engine.accuracy import allowed_error, max_error
+
+g = torch.Generator().manual_seed(5)
+# (bf16 products with fewer than 8 rows stay on the bf16 GEMM: the (3, 40, 70) case)
+for (m, k, n), activation, has_bias in [((600, 96, 1100), "gelu", True), ((3, 40, 70), None, True),
+                                        ((65, 33, 17), "relu", False)]:
+    leaves = [torch.randn(m, k, generator=g), torch.randn(n, k, generator=g) * k ** -0.5,
+              torch.randn(n, generator=g) if has_bias else None]
+    leaves = [t.bfloat16().requires_grad_() if t is not None else None for t in leaves]
+    grad_out = torch.randn(m, n, generator=g).bfloat16()
+    act = {None: lambda y: y, "gelu": F.gelu, "relu": F.relu}[activation]
+    def run(fn, tensors):
+        out = fn(*tensors)
+        return [out, *torch.autograd.grad(out, [t for t in tensors if t is not None], grad_out.to(out.dtype))]
+    ours = run(lambda x, w, b: EF.linear(x, w, b, activation, backend="cpu"), leaves)
+    baseline = run(lambda x, w, b: act(F.linear(x, w, b)), leaves)
+    leaves64 = [t.detach().double().requires_grad_() if t is not None else None for t in leaves]
+    expected = run(lambda x, w, b: act(F.linear(x, w, b)), leaves64)
+    for name, a, base, e in zip(["out", "dx", "dw", "db"], ours, baseline, expected):
+        error, allowed = max_error(a, e), allowed_error(torch.bfloat16, e, base)
+        assert a.dtype == torch.bfloat16 and error <= allowed, (m, k, n, activation, name, error, allowed)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("products", ["native", "fp32"])
+def test_cpu_bf16_products_on_either_capability(products):
+    """bf16 linear forward and backward on the cpu backend with its products on torch's bf16 GEMM
+    (CPUs with bf16 dot products) and in fp32 (the others) against float64 under the accuracy rule."""
+    skip_unless_runs("cpu", "cpu")
+    env = {**os.environ, "ENGINE_CPU_BF16_PRODUCTS": products}
+    repo = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", BF16_PRODUCTS_SCRIPT], cwd=repo, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 
 
 # ---------------------------------------------------------------------------------------------

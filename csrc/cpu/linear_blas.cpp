@@ -9,8 +9,13 @@
 // multithreaded product over the whole g, and the bias gradient comes from per-thread partial
 // column sums. Without activation and dropout g is grad_out: dx and dW are plain products.
 // fp16 products run in fp32 (fp32 copies of x and W: torch's fp16 CPU GEMM is ~4x slower than its
-// fp32 GEMM on AVX-512 machines without fp16 FMA); bf16 products run on torch's bf16 GEMM (oneDNN),
-// which also adds the bias (so that pre is rounded once, as in torch's own bf16 F.linear).
+// fp32 GEMM on AVX-512 machines without fp16 FMA). bf16 products run on torch's bf16 GEMM (oneDNN),
+// which also adds the bias (so that pre is rounded once, as in torch's own bf16 F.linear), where
+// the CPU has bf16 dot products (avx512_bf16 or AMX on x86, the BF16 extension on Arm: 2x the fp32
+// GEMM's speed on Zen 4); elsewhere (from kWidenedBf16Rows rows up) they too run in fp32 on fp32
+// copies, the bias added in fp32 and pre rounded once: on a 2-core AVX2 VM torch's bf16 GEMM
+// (emulated) is ~8x slower than its fp32 GEMM (x [4096, 768] @ W [3072, 768]^T: 1040 against
+// 135 ms). fp32 accumulation either way.
 #include "cpu/linear_blas.h"
 
 #include <ATen/Parallel.h>
@@ -23,9 +28,16 @@
 #include <type_traits>
 #include <vector>
 
+#include <cstdlib>
+#include <cstring>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
+#endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
 #endif
 
 #include "cpu/linear.h"
@@ -154,90 +166,124 @@ class WorkQueue {
   std::atomic<int64_t> next_{0};
 };
 
+// Whether bf16 products run on torch's bf16 GEMM (the CPU has bf16 dot products) rather than in
+// fp32, decided once per process from the CPU's features. ENGINE_CPU_BF16_PRODUCTS=native or fp32
+// overrides it (the tests run both paths on any machine).
+bool native_bf16_products() {
+  static const bool native = [] {
+    if (const char* forced = std::getenv("ENGINE_CPU_BF16_PRODUCTS")) {
+      TORCH_CHECK(std::strcmp(forced, "native") == 0 || std::strcmp(forced, "fp32") == 0,
+                  "ENGINE_CPU_BF16_PRODUCTS must be 'native' or 'fp32', got '", forced, "'");
+      return std::strcmp(forced, "native") == 0;
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+#elif defined(__aarch64__) && defined(__linux__) && defined(HWCAP2_BF16)
+    return (getauxval(AT_HWCAP2) & HWCAP2_BF16) != 0;
+#else
+    return false;
+#endif
+  }();
+  return native;
+}
+
 // t as an operand of an out= op, which refuses inputs that require grad: detached only when it
 // requires grad (detach() is an ATen op, ~0.5 us through the dispatcher).
 at::Tensor without_grad(const at::Tensor& t) { return t.requires_grad() ? t.detach() : t; }
 
-// The type the CPU GEMMs take for storage type T: fp32 for fp16 (see the file comment).
-template <typename T>
-using gemm_t = std::conditional_t<std::is_same_v<T, half>, float, T>;
+// bf16 products with fewer rows than this stay on torch's bf16 GEMM even without native bf16
+// products: there the fp32 copy of W costs more than the product. x [M, 768] @ W [3072, 768]^T +
+// bias, gelu, 2 threads, AVX2, fp32 against bf16 products: M = 1: 0.62-0.77 against 0.36-0.39 ms;
+// M = 2: 0.9 against 0.6-0.7; M = 4: 0.93-1.5 against 1.2-1.4; M = 8: 1.36-1.55 against 2.1-2.4.
+constexpr int64_t kWidenedBf16Rows = 8;
 
-template <typename T>
-at::ScalarType gemm_scalar_type(at::ScalarType dtype) {
-  return std::is_same_v<T, half> ? at::kFloat : dtype;
+// Calls fn(P{}) with P the type the products of storage type T run in, for x with `rows` rows:
+// fp32 for fp16, and for bf16 without native bf16 products (see the file comment); else T.
+template <typename T, typename Fn>
+void with_product_type(int64_t rows, Fn&& fn) {
+  if constexpr (std::is_same_v<T, half>) {
+    fn(float{});
+  } else if constexpr (std::is_same_v<T, bfloat16>) {
+    if (native_bf16_products() || rows < kWidenedBf16Rows) fn(bfloat16{});
+    else fn(float{});
+  } else {
+    fn(T{});
+  }
 }
 
 }  // namespace
 
 template <typename T>
 void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, Activation activation,
-                        double dropout_p, uint64_t seed, const at::Tensor& residual, const at::Tensor& out,
-                        const at::Tensor& pre, const at::Tensor& keep) {
-  using A = acc_t<T>;
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  const Tiles tiles = plan_tiles(m, n, k, at::get_num_threads());
-  const bool bf16 = std::is_same_v<T, bfloat16>;
-  const bool fp16 = std::is_same_v<T, half>;
-  // Operands of the GEMMs (detached: out= ops refuse inputs that require grad, and the caller's
-  // grad mode, which the workers take, may be on).
-  const at::Tensor x_gemm = fp16 ? x.detach().to(at::kFloat) : without_grad(x);
-  const at::Tensor w_gemm = fp16 ? weight.detach().to(at::kFloat) : without_grad(weight);
-  const at::Tensor bias_gemm = bias.defined() ? without_grad(bias) : bias;
-  // Where each tile's product goes: fp16 -> a per-thread fp32 tile buffer; else straight into
-  // pre (the epilogue adds the bias in place) or, without activation, into out.
-  const at::Tensor& destination = activation != Activation::kNone ? pre : out;
-  const bool bias_in_gemm = bf16 && bias.defined();
-  // (fp16 always: its product is in the fp32 tile buffer and the epilogue converts it into out)
-  const bool needs_epilogue = fp16 || activation != Activation::kNone || (bias.defined() && !bias_in_gemm) ||
-                              dropout_p > 0 || residual.defined();
-  const T* bias_data = bias.defined() && !bias_in_gemm ? static_cast<const T*>(bias.data_ptr()) : nullptr;
+                    double dropout_p, uint64_t seed, const at::Tensor& residual, const at::Tensor& out,
+                    const at::Tensor& pre, const at::Tensor& keep) {
+  with_product_type<T>(x.size(0), [&](auto product_type) {
+    using A = acc_t<T>;
+    using P = decltype(product_type);
+    constexpr bool widened = !std::is_same_v<P, T>;  // products in fp32 on fp32 copies of x and W
+    const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+    const Tiles tiles = plan_tiles(m, n, k, at::get_num_threads());
+    // Operands of the GEMMs (detached: out= ops refuse inputs that require grad, and the caller's
+    // grad mode, which the workers take, may be on).
+    const at::Tensor x_gemm = widened ? x.detach().to(at::kFloat) : without_grad(x);
+    const at::Tensor w_gemm = widened ? weight.detach().to(at::kFloat) : without_grad(weight);
+    const at::Tensor bias_gemm = bias.defined() ? without_grad(bias) : bias;
+    // Where each tile's product goes: widened -> a per-thread fp32 tile buffer; else straight into
+    // pre (the epilogue adds the bias in place) or, without activation, into out.
+    const at::Tensor& destination = activation != Activation::kNone ? pre : out;
+    const bool bias_in_gemm = std::is_same_v<P, bfloat16> && bias.defined();
+    // (widened always: its product is in the fp32 tile buffer and the epilogue converts it into out)
+    const bool needs_epilogue = widened || activation != Activation::kNone || (bias.defined() && !bias_in_gemm) ||
+                                dropout_p > 0 || residual.defined();
+    const T* bias_data = bias.defined() && !bias_in_gemm ? static_cast<const T*>(bias.data_ptr()) : nullptr;
 
-  // One tile (every small call) takes the operands whole, without narrow() views: each ATen op
-  // costs ~0.5-1 us through the dispatcher, several per tile.
-  const bool whole = tiles.row_count * tiles.col_count == 1;
-  WorkQueue queue(tiles.row_count * tiles.col_count);
-  parallel_region(tiles.threads, [&](int) {
-    std::vector<A> scratch(kTileScratch * tiles.cols);
-    at::Tensor product_buffer = fp16 ? at::empty({tiles.rows, tiles.cols}, x_gemm.options()) : at::Tensor();
-    queue.run([&](int64_t index) {
-      const int64_t r0 = (index / tiles.col_count) * tiles.rows, c0 = (index % tiles.col_count) * tiles.cols;
-      const int64_t rows = std::min(tiles.rows, m - r0), cols = std::min(tiles.cols, n - c0);
-      const at::Tensor x_rows = whole ? x_gemm : x_gemm.narrow(0, r0, rows);
-      const at::Tensor w_cols_t = (whole ? w_gemm : w_gemm.narrow(0, c0, cols)).t();
-      using P = std::conditional_t<std::is_same_v<T, half>, float, T>;
-      LinearForwardTile<T, P> tile{};
-      if constexpr (std::is_same_v<T, half>) {
-        at::Tensor product = product_buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(product, x_rows, w_cols_t);
-        tile.product = static_cast<const float*>(product_buffer.data_ptr());
-        tile.product_stride = tiles.cols;
-      } else {
-        at::Tensor product = whole ? destination : destination.narrow(0, r0, rows).narrow(1, c0, cols);
-        if (bias_in_gemm)
-          at::addmm_out(product, whole ? bias_gemm : bias_gemm.narrow(0, c0, cols), x_rows, w_cols_t);
-        else
+    // One tile (every small call) takes the operands whole, without narrow() views: each ATen op
+    // costs ~0.5-1 us through the dispatcher, several per tile.
+    const bool whole = tiles.row_count * tiles.col_count == 1;
+    WorkQueue queue(tiles.row_count * tiles.col_count);
+    parallel_region(tiles.threads, [&](int) {
+      std::vector<A> scratch(kTileScratch * tiles.cols);
+      at::Tensor product_buffer = widened ? at::empty({tiles.rows, tiles.cols}, x_gemm.options()) : at::Tensor();
+      queue.run([&](int64_t index) {
+        const int64_t r0 = (index / tiles.col_count) * tiles.rows, c0 = (index % tiles.col_count) * tiles.cols;
+        const int64_t rows = std::min(tiles.rows, m - r0), cols = std::min(tiles.cols, n - c0);
+        const at::Tensor x_rows = whole ? x_gemm : x_gemm.narrow(0, r0, rows);
+        const at::Tensor w_cols_t = (whole ? w_gemm : w_gemm.narrow(0, c0, cols)).t();
+        LinearForwardTile<T, P> tile{};
+        if constexpr (widened) {
+          at::Tensor product = product_buffer.narrow(0, 0, rows).narrow(1, 0, cols);
           at::mm_out(product, x_rows, w_cols_t);
-        tile.product = tile_pointer<T>(destination, r0, c0);
-        tile.product_stride = n;
-      }
-      if (!needs_epilogue) return;
-      tile.bias = bias_data ? bias_data + c0 : nullptr;
-      tile.residual = residual.defined() ? tile_pointer<T>(residual, r0, c0) : nullptr;
-      tile.residual_stride = residual.defined() ? row_stride(residual) : 0;
-      tile.pre = activation != Activation::kNone ? tile_pointer<T>(pre, r0, c0) : nullptr;
-      tile.pre_stride = n;
-      tile.out = tile_pointer<T>(out, r0, c0);
-      tile.out_stride = n;
-      tile.keep = keep.numel() > 0 ? tile_pointer<bool>(keep, r0, c0) : nullptr;
-      tile.keep_stride = n;
-      tile.rows = rows;
-      tile.cols = cols;
-      tile.row0 = r0;
-      tile.col0 = c0;
-      tile.activation = activation;
-      tile.dropout_p = dropout_p;
-      tile.seed = seed;
-      linear_forward_tile(tile, scratch.data());
+          tile.product = static_cast<const float*>(product_buffer.data_ptr());
+          tile.product_stride = tiles.cols;
+        } else {
+          at::Tensor product = whole ? destination : destination.narrow(0, r0, rows).narrow(1, c0, cols);
+          if (bias_in_gemm)
+            at::addmm_out(product, whole ? bias_gemm : bias_gemm.narrow(0, c0, cols), x_rows, w_cols_t);
+          else
+            at::mm_out(product, x_rows, w_cols_t);
+          tile.product = tile_pointer<T>(destination, r0, c0);
+          tile.product_stride = n;
+        }
+        if (!needs_epilogue) return;
+        tile.bias = bias_data ? bias_data + c0 : nullptr;
+        tile.residual = residual.defined() ? tile_pointer<T>(residual, r0, c0) : nullptr;
+        tile.residual_stride = residual.defined() ? row_stride(residual) : 0;
+        tile.pre = activation != Activation::kNone ? tile_pointer<T>(pre, r0, c0) : nullptr;
+        tile.pre_stride = n;
+        tile.out = tile_pointer<T>(out, r0, c0);
+        tile.out_stride = n;
+        tile.keep = keep.numel() > 0 ? tile_pointer<bool>(keep, r0, c0) : nullptr;
+        tile.keep_stride = n;
+        tile.rows = rows;
+        tile.cols = cols;
+        tile.row0 = r0;
+        tile.col0 = c0;
+        tile.activation = activation;
+        tile.dropout_p = dropout_p;
+        tile.seed = seed;
+        linear_forward_tile(tile, scratch.data());
+      });
     });
   });
 }
@@ -247,79 +293,81 @@ void linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::
                          const at::Tensor& pre, Activation activation, double dropout_p, uint64_t seed,
                          bool need_weight_grad, bool need_bias_grad, at::Tensor& dx, at::Tensor& dweight,
                          at::Tensor& dbias) {
-  using G = gemm_t<T>;
-  const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-  const at::ScalarType gemm_type = gemm_scalar_type<T>(x.scalar_type());
-  const bool fp16 = std::is_same_v<T, half>;
-  const at::Tensor x_gemm = fp16 ? x.detach().to(at::kFloat) : x.detach();
-  const at::Tensor w_gemm = fp16 ? weight.detach().to(at::kFloat) : weight.detach();
-  const at::Tensor grad = grad_out.detach();
-  const bool identity = activation == Activation::kNone && dropout_p == 0;  // g = grad_out
-  const int threads = m * n * std::max<int64_t>(k, 1) < kParallelMacs ? 1 : std::max(at::get_num_threads(), 1);
-  // dx in the GEMM type (fp16: an fp32 buffer, converted at the end).
-  at::Tensor dx_gemm = fp16 ? at::empty({m, k}, x_gemm.options()) : dx;
-  at::Tensor bias_partials = need_bias_grad ? at::zeros({threads, n}, x.options().dtype(at::kDouble)) : at::Tensor();
-  at::Tensor g;
+  with_product_type<T>(x.size(0), [&](auto product_type) {
+    using G = decltype(product_type);
+    constexpr bool widened = !std::is_same_v<G, T>;  // products in fp32 on fp32 copies of x and W
+    const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+    const at::ScalarType gemm_type = widened ? at::kFloat : x.scalar_type();
+    const at::Tensor x_gemm = widened ? x.detach().to(at::kFloat) : x.detach();
+    const at::Tensor w_gemm = widened ? weight.detach().to(at::kFloat) : weight.detach();
+    const at::Tensor grad = grad_out.detach();
+    const bool identity = activation == Activation::kNone && dropout_p == 0;  // g = grad_out
+    const int threads = m * n * std::max<int64_t>(k, 1) < kParallelMacs ? 1 : std::max(at::get_num_threads(), 1);
+    // dx in the GEMM type (widened: an fp32 buffer, converted at the end).
+    at::Tensor dx_gemm = widened ? at::empty({m, k}, x_gemm.options()) : dx;
+    at::Tensor bias_partials = need_bias_grad ? at::zeros({threads, n}, x.options().dtype(at::kDouble)) : at::Tensor();
+    at::Tensor g;
 
-  if (identity) {
-    g = fp16 ? grad.to(at::kFloat) : grad;
-    at::mm_out(dx_gemm, g, w_gemm);
-    if (need_bias_grad) {
-      // Columns split over the threads: each owns its slice of the sums.
-      const int64_t per_thread = (n + threads - 1) / threads;
+    if (identity) {
+      g = widened ? grad.to(at::kFloat) : grad;
+      at::mm_out(dx_gemm, g, w_gemm);
+      if (need_bias_grad) {
+        // Columns split over the threads: each owns its slice of the sums.
+        const int64_t per_thread = (n + threads - 1) / threads;
+        parallel_region(threads, [&](int thread) {
+          const int64_t c0 = std::min(n, thread * per_thread), cols = std::min(per_thread, n - c0);
+          if (cols > 0)
+            column_sums(tile_pointer<T>(grad, 0, c0), row_stride(grad), m, cols,
+                             static_cast<double*>(bias_partials.data_ptr()) + c0);
+        });
+      }
+    } else {
+      // g for all rows when dW needs it afterwards, else one row block per thread.
+      const Tiles tiles = plan_tiles(m, n, k, threads);
+      const int64_t block_rows = tiles.rows;
+      g = need_weight_grad ? new_output({m, n}, x.options().dtype(gemm_type)) : at::Tensor();
+      WorkQueue queue(tiles.row_count);
       parallel_region(threads, [&](int thread) {
-        const int64_t c0 = std::min(n, thread * per_thread), cols = std::min(per_thread, n - c0);
-        if (cols > 0)
-          column_sums(tile_pointer<T>(grad, 0, c0), row_stride(grad), m, cols,
-                           static_cast<double*>(bias_partials.data_ptr()) + c0);
+        std::vector<acc_t<T>> scratch(kTileScratch * n);
+        at::Tensor block = need_weight_grad ? at::Tensor() : at::empty({block_rows, n}, x.options().dtype(gemm_type));
+        double* bias_grad = need_bias_grad ? static_cast<double*>(bias_partials.data_ptr()) + thread * n : nullptr;
+        queue.run([&](int64_t index) {
+          const int64_t r0 = index * block_rows, rows = std::min(block_rows, m - r0);
+          at::Tensor g_rows = need_weight_grad ? g.narrow(0, r0, rows) : block.narrow(0, 0, rows);
+          LinearBackwardTile<T, G> tile{};
+          tile.grad_out = tile_pointer<T>(grad, r0, 0);
+          tile.grad_stride = row_stride(grad);
+          tile.pre = activation != Activation::kNone ? tile_pointer<T>(pre, r0, 0) : nullptr;
+          tile.pre_stride = activation != Activation::kNone ? row_stride(pre) : 0;
+          tile.g = static_cast<G*>(g_rows.data_ptr());
+          tile.g_stride = n;
+          tile.bias_grad = bias_grad;
+          tile.rows = rows;
+          tile.cols = n;
+          tile.row0 = r0;
+          tile.col0 = 0;
+          tile.activation = activation;
+          tile.dropout_p = dropout_p;
+          tile.seed = seed;
+          linear_backward_tile(tile, scratch.data());
+          // dx for these rows while g_rows is in cache (FFN forward+backward: 10% faster than
+          // materializing all of g first and then one multithreaded g @ W).
+          at::Tensor dx_rows = dx_gemm.narrow(0, r0, rows);
+          at::mm_out(dx_rows, g_rows, w_gemm);
+        });
       });
     }
-  } else {
-    // g for all rows when dW needs it afterwards, else one row block per thread.
-    const Tiles tiles = plan_tiles(m, n, k, threads);
-    const int64_t block_rows = tiles.rows;
-    g = need_weight_grad ? new_output({m, n}, x.options().dtype(gemm_type)) : at::Tensor();
-    WorkQueue queue(tiles.row_count);
-    parallel_region(threads, [&](int thread) {
-      std::vector<acc_t<T>> scratch(kTileScratch * n);
-      at::Tensor block = need_weight_grad ? at::Tensor() : at::empty({block_rows, n}, x.options().dtype(gemm_type));
-      double* bias_grad = need_bias_grad ? static_cast<double*>(bias_partials.data_ptr()) + thread * n : nullptr;
-      queue.run([&](int64_t index) {
-        const int64_t r0 = index * block_rows, rows = std::min(block_rows, m - r0);
-        at::Tensor g_rows = need_weight_grad ? g.narrow(0, r0, rows) : block.narrow(0, 0, rows);
-        LinearBackwardTile<T, G> tile{};
-        tile.grad_out = tile_pointer<T>(grad, r0, 0);
-        tile.grad_stride = row_stride(grad);
-        tile.pre = activation != Activation::kNone ? tile_pointer<T>(pre, r0, 0) : nullptr;
-        tile.pre_stride = activation != Activation::kNone ? row_stride(pre) : 0;
-        tile.g = static_cast<G*>(g_rows.data_ptr());
-        tile.g_stride = n;
-        tile.bias_grad = bias_grad;
-        tile.rows = rows;
-        tile.cols = n;
-        tile.row0 = r0;
-        tile.col0 = 0;
-        tile.activation = activation;
-        tile.dropout_p = dropout_p;
-        tile.seed = seed;
-        linear_backward_tile(tile, scratch.data());
-        // dx for these rows while g_rows is in cache (FFN forward+backward: 10% faster than
-        // materializing all of g first and then one multithreaded g @ W).
-        at::Tensor dx_rows = dx_gemm.narrow(0, r0, rows);
-        at::mm_out(dx_rows, g_rows, w_gemm);
-      });
-    });
-  }
-  if (need_weight_grad) {
-    // One multithreaded product over the whole g (MKL's own threading). Measured on the FFN
-    // forward+backward (x [4096, 768], d_ff 3072, quiet machine): 2% faster than blocks of dW
-    // rows spread over the threads with one single-threaded product each (which was ahead only
-    // while other processes competed for the cores).
-    at::Tensor dw = at::mm(g.t(), x_gemm);
-    dweight = dw.scalar_type() == weight.scalar_type() ? dw : dw.to(weight.scalar_type());
-  }
-  if (need_bias_grad) dbias = bias_partials.sum(0).to(weight.scalar_type());
-  if (fp16) dx.copy_(dx_gemm);
+    if (need_weight_grad) {
+      // One multithreaded product over the whole g (MKL's own threading). Measured on the FFN
+      // forward+backward (x [4096, 768], d_ff 3072, quiet machine): 2% faster than blocks of dW
+      // rows spread over the threads with one single-threaded product each (which was ahead only
+      // while other processes competed for the cores).
+      at::Tensor dw = at::mm(g.t(), x_gemm);
+      dweight = dw.scalar_type() == weight.scalar_type() ? dw : dw.to(weight.scalar_type());
+    }
+    if (need_bias_grad) dbias = bias_partials.sum(0).to(weight.scalar_type());
+    if (widened) dx.copy_(dx_gemm);
+  });
 }
 
 #define INSTANTIATE(T)                                                                                        \
