@@ -130,63 +130,6 @@ const A* acc_row(const S* row, A* buffer, int64_t n) {
   }
 }
 
-// GeLU's Phi(x) and phi(x) in fp32 for the CPU loops, from one branch: with z = |x| / sqrt(2) and
-// t = 1 / (1 + 0.35 z), Phi(-|x|) = erfc(z) / 2 = exp(-z^2) t Q(t) with Q of degree 9 (fitted
-// for this file on z in [0, 10], relative error 7e-9; beyond, exp(-z^2) is 0 in fp32) and
-// Phi(|x|) = 1 - Phi(-|x|), so that the lower tail keeps its relative accuracy. exp(-x^2 / 2)
-// is computed from x^2 split exactly into xx + xx_err (with FMA): without it the rounding of x^2
-// cost 66 ulp of relative accuracy at |x| = 11.5 (and saved 15% of the time). It is phi's
-// exponential too.
-// Measured against float64 on a 1e-5-step sweep of [-14, 14] plus 5e6 uniform inputs in [-20, 20]:
-// gelu 6.5 ulp, gelu' 6.8 ulp of its larger term (relative, lower tail included); torch's fp32
-// F.gelu errs up to 3.8e-7 absolute (1.6 ulp at x = 3.1) and loses the lower tail to 1 + erf
-// cancellation. common/activations.h's normal_cdf_pdf_f32 (about as accurate) adds an erf
-// polynomial for z < 0.75 and evaluates both forms on every element, the loops being branch-free:
-// 75 AVX2 instructions per 8 elements against 55 here. GeLU forward, one thread, 1M fp32 elements
-// on a 2-core AVX2 VM: 1.35 -> 1.09 ns per element (torch's F.gelu: 0.92-1.1).
-struct CdfPdf {
-  float cdf;
-  float pdf;
-};
-
-inline CdfPdf normal_cdf_pdf(float x) {
-  const float ax = std::fabs(x);
-  const float xx = ax * ax;
-  // exact rounding error of xx (0 for huge |x|, where it would be inf - inf; exp is 0 there)
-  const float xx_err = math::choose<float>(xx < 1e30f, math::fused_multiply_add(ax, ax, -xx), 0.0f);
-  const float gauss = math::exp_f32(-0.5f * xx) * math::fused_multiply_add(-0.5f, xx_err, 1.0f);  // exp(-x^2 / 2)
-  const float t = 1.0f / math::fused_multiply_add(0.35f * float(activation_math::kSqrtHalf), ax, 1.0f);
-  float q = 1.920086332e-02f;  // Q / 2: the halving folded into the coefficients
-  q = math::fused_multiply_add(q, t, -7.946598530e-02f);
-  q = math::fused_multiply_add(q, t, 9.073495120e-02f);
-  q = math::fused_multiply_add(q, t, -1.385862473e-02f);
-  q = math::fused_multiply_add(q, t, 4.351421818e-02f);
-  q = math::fused_multiply_add(q, t, 7.301848382e-02f);
-  q = math::fused_multiply_add(q, t, 7.559400052e-02f);
-  q = math::fused_multiply_add(q, t, 9.395100921e-02f);
-  q = math::fused_multiply_add(q, t, 9.856919944e-02f);
-  q = math::fused_multiply_add(q, t, 9.874188900e-02f);
-  const float lower = gauss * t * q;  // Phi(-|x|)
-  return {math::choose<float>(x < 0.0f, lower, 1.0f - lower), gauss * float(activation_math::kInvSqrt2Pi)};
-}
-
-// act(x) and act'(x) of the CPU loops: common/activations.h's, but GeLU in fp32 from the above.
-template <Activation kAct, typename A>
-A cpu_activate(A x) {
-  if constexpr (kAct == Activation::kGelu && std::is_same_v<A, float>) return x * normal_cdf_pdf(x).cdf;
-  else return activate<kAct, A>(x);
-}
-
-template <Activation kAct, typename A>
-A cpu_activation_grad(A x) {
-  if constexpr (kAct == Activation::kGelu && std::is_same_v<A, float>) {
-    const CdfPdf both = normal_cdf_pdf(x);
-    return both.cdf + x * both.pdf;
-  } else {
-    return activation_grad<kAct, A>(x);
-  }
-}
-
 template <Activation kAct, bool kDropout, bool kResidual, typename T, typename P>
 ENGINE_FLATTEN void forward_tile(const LinearForwardTile<T, P>& t, acc_t<T>* scratch) {
   using A = acc_t<T>;
@@ -210,7 +153,7 @@ ENGINE_FLATTEN void forward_tile(const LinearForwardTile<T, P>& t, acc_t<T>* scr
     // out = dropout(act(v)) + residual for v = product + bias; dropped elements are multiplied
     // by 0 (not replaced by 0), so NaN and inf propagate as in the reference.
     auto finish = [&](A v, int64_t j) {
-      A y = cpu_activate<kAct, A>(v);
+      A y = activate<kAct, A>(v);
       if constexpr (kDropout) y *= math::choose<A>(uniforms[j] >= p, scale, A(0));
       if constexpr (kResidual) y += residual[j];
       return y;
@@ -270,7 +213,7 @@ ENGINE_FLATTEN void backward_tile(const LinearBackwardTile<T, G>& t, acc_t<T>* s
     for (int64_t j = 0; j < n; ++j) {
       A v = grad[j];
       if constexpr (kDropout) v *= math::choose<A>(uniforms[j] >= p, scale, A(0));
-      if constexpr (kAct != Activation::kNone) v *= cpu_activation_grad<kAct, A>(pre[j]);
+      if constexpr (kAct != Activation::kNone) v *= activation_grad<kAct, A>(pre[j]);
       g[j] = v;
     }
     if (bias_grad) {
@@ -336,7 +279,7 @@ void gelu_forward(const T* x, T* y, int64_t count, bool tanh, int num_threads) {
         const A* in = acc_row<A>(x + start, in_buffer.data(), n);
         A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(y + start) : out_buffer.data();
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) out[j] = cpu_activate<kAct, A>(in[j]);
+        for (int64_t j = 0; j < n; ++j) out[j] = activate<kAct, A>(in[j]);
         if constexpr (!std::is_same_v<T, A>) store_row(out, y + start, n);
       }
     }
@@ -359,7 +302,7 @@ void gelu_backward(const T* grad_y, const T* x, T* dx, int64_t count, bool tanh,
         const A* grad = acc_row<A>(grad_y + start, grad_buffer.data(), n);
         A* out = std::is_same_v<T, A> ? reinterpret_cast<A*>(dx + start) : out_buffer.data();
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) out[j] = grad[j] * cpu_activation_grad<kAct, A>(in[j]);
+        for (int64_t j = 0; j < n; ++j) out[j] = grad[j] * activation_grad<kAct, A>(in[j]);
         if constexpr (!std::is_same_v<T, A>) store_row(out, dx + start, n);
       }
     }
