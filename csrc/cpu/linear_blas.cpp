@@ -24,13 +24,15 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <type_traits>
 #include <vector>
 
-#include <cstdlib>
-#include <cstring>
-
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
@@ -177,8 +179,13 @@ bool native_bf16_products() {
       return std::strcmp(forced, "native") == 0;
     }
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16");
+    // CPUID leaf 7: subleaf 1 EAX bit 5 is AVX512_BF16, subleaf 0 EDX bit 22 is AMX-BF16. Read
+    // directly: __builtin_cpu_supports("avx512bf16") / ("amx-bf16") do not compile with older
+    // GCCs, and a compile error would cost the whole CPU extension on such a machine.
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    const bool amx_bf16 = __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && ((edx >> 22) & 1u);
+    const bool avx512_bf16 = __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && ((eax >> 5) & 1u);
+    return amx_bf16 || avx512_bf16;
 #elif defined(__aarch64__) && defined(__linux__) && defined(HWCAP2_BF16)
     return (getauxval(AT_HWCAP2) & HWCAP2_BF16) != 0;
 #else
