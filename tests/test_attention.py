@@ -154,6 +154,28 @@ def test_low_precision_gradients_with_an_attention_sink(case, scale, backend, de
     check_against_reference_and_torch(case, backend, device, (q, k, v, mask, g), scale)
 
 
+# The cpu backward has two forms (csrc/cpu/attention_backward.cpp): dQ summed inside the dK/dV
+# sweep per (batch, kv head) where those pairs share out evenly among the threads, and a separate
+# dQ pass where they do not (here 3 pairs on 2 threads; big enough, 115K+ elements, for 2 threads
+# to be used). Tensors below 32K elements run on one thread, so every small case takes the fused
+# form.
+BACKWARD_FORMS = [Case(hq=3, sq=200), Case(hq=6, hk=3, sq=150, sk=170, causal=True, mask="bool-B11K"),
+                  Case(hq=3, sq=130, sk=90, d=48, dv=32, mask="float-QK")]
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("threads", [1, 2], ids=["fused", "two-pass"])
+@pytest.mark.parametrize("case", BACKWARD_FORMS, ids=repr)
+def test_cpu_backward_forms(case, threads):
+    skip_unless_runs("cpu", "cpu")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        check_against_reference_and_torch(case, "cpu", "cpu")
+    finally:
+        torch.set_num_threads(previous)
+
+
 def check_against_reference_and_torch(case, backend, device, inputs=None, scale=None):
     """The output and dq/dk/dv of `backend` against the float64 reference, within the project's
     allowance around torch's own error in the same dtype. inputs: make_inputs' (q, k, v, mask,
