@@ -7,8 +7,10 @@
 //   forward   reads q once and k, v once per query block of their kv head (ceil(Hq/Hk * Sq / R)
 //             passes over k and v, mostly from L2/L3), writes out and lse once;
 //   backward  reads dout, out once for delta (16-bit data instead q, dout once and k, v once
-//             per query block, as the dQ pass), q, dout once per 64-key block (dK/dV pass) and
-//             k, v once per query block (dQ pass); writes dq, dk, dv and delta [B, Hq, Sq] once.
+//             per query block, as the dQ pass), q, dout once per 64-key block (dK/dV sweep);
+//             the fused form sums dQ in that sweep, into [G, Sq, D] fp32 per thread; the
+//             two-pass form (few (batch, kv head) pairs per thread) reads k, v once more per
+//             query block in a dQ pass. Writes dq, dk, dv and delta [B, Hq, Sq] once.
 // Extra memory: per-thread tiles (a few 64 x max(D, Dv) fp32 buffers) and, when keys are split
 // across threads (few rows, long keys), [tasks, splits, 64, Dv + 2] partial results; backward
 // also takes the [B, Hq, Sq] delta workspace from the caller. Nothing grows with Sq * Sk.
