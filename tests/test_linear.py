@@ -191,6 +191,23 @@ def test_cpu_bf16_products_on_either_capability(products):
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 
 
+def test_cpu_bf16_products_setting_must_be_known():
+    skip_unless_runs("cpu", "cpu")
+    script = (
+        "import torch, engine.functional as EF\n"
+        "x = torch.randn(64, 32).bfloat16()\n"
+        "try:\n"
+        "    EF.linear(x, torch.randn(16, 32).bfloat16(), backend='cpu')\n"
+        "except ValueError as error:\n"
+        "    print(error)\n")
+    env = {**os.environ, "ENGINE_CPU_BF16_PRODUCTS": "fast"}
+    repo = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", script], cwd=repo, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert "ENGINE_CPU_BF16_PRODUCTS must be 'native' or 'fp32', got 'fast'" in run.stdout, run.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout inside the epilogue
 

@@ -174,8 +174,8 @@ class WorkQueue {
 bool native_bf16_products() {
   static const bool native = [] {
     if (const char* forced = std::getenv("ENGINE_CPU_BF16_PRODUCTS")) {
-      TORCH_CHECK(std::strcmp(forced, "native") == 0 || std::strcmp(forced, "fp32") == 0,
-                  "ENGINE_CPU_BF16_PRODUCTS must be 'native' or 'fp32', got '", forced, "'");
+      TORCH_CHECK_VALUE(std::strcmp(forced, "native") == 0 || std::strcmp(forced, "fp32") == 0,
+                        "ENGINE_CPU_BF16_PRODUCTS must be 'native' or 'fp32', got '", forced, "'");
       return std::strcmp(forced, "native") == 0;
     }
 #if defined(__x86_64__) || defined(__i386__)
