@@ -310,7 +310,7 @@ def rotary(input: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False
     """
     x = _validate.tensor("input", input)
     _validate.rank("input", x, (4,))
-    out, _ = _rotate(x, None, cos, sin, interleaved, positions, backend)
+    out, _ = _rotate("input", x, None, cos, sin, interleaved, positions, backend)
     return out
 
 
@@ -327,14 +327,14 @@ def rotary_qk(query: Tensor, key: Tensor, cos: Tensor, sin: Tensor, *, interleav
     if (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
         raise ValueError(f"key [B, Hk, S, D] must match query's B, S and D, got key {tuple(k.shape)} and query "
                          f"{tuple(q.shape)}")
-    return _rotate(q, k, cos, sin, interleaved, positions, backend)
+    return _rotate("query", q, k, cos, sin, interleaved, positions, backend)
 
 
-def _rotate(x: Tensor, k: Optional[Tensor], cos, sin, interleaved, positions, backend):
+def _rotate(name: str, x: Tensor, k: Optional[Tensor], cos, sin, interleaved, positions, backend):
     """Validates the tables and positions for x [B, H, S, D] (and k), then runs the rotary op."""
     c = _validate.tensor("cos", cos)
     s = _validate.tensor("sin", sin)
-    _validate.same_dtypes_and_device("input", x, cos=c, sin=s)
+    _validate.same_dtypes_and_device(name, x, cos=c, sin=s)
     _validate.rank("cos", c, (2,))
     _validate.shape("sin", s, c.shape)
     b, _, seq, d = x.shape
@@ -349,10 +349,10 @@ def _rotate(x: Tensor, k: Optional[Tensor], cos, sin, interleaved, positions, ba
     offsets = None
     if positions is None:
         if seq > table_length:
-            raise ValueError(f"input has {seq} positions but cos and sin hold {table_length}")
+            raise ValueError(f"{name} has {seq} positions but cos and sin hold {table_length}")
     else:
         offsets = _validate.tensor("positions", positions, (torch.int32, torch.int64))
-        _validate.same_device("positions", offsets, "input", x)
+        _validate.same_device("positions", offsets, name, x)
         _validate.shape("positions", offsets, (b,))
         offsets = offsets.to(torch.int64)
         if offsets.numel() and seq and not torch.compiler.is_compiling():
