@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import engine.functional as EF
-from common import assert_matches_reference
+from common import assert_matches_reference, torch_rotary
 from conftest import backend_device_pairs, skip_unless_runs
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -19,24 +19,6 @@ VARIANTS = {
     "partial_interleaved": (12, 6, True),      # an odd number of pairs
     "partial_odd_head_dim": (11, 6, False),
 }
-
-
-def torch_rotary(x, cos, sin, offsets, interleaved):
-    """What a user writes in plain PyTorch (transformers' rotate_half form, GPT-J's
-    rotate_every_two): x [B, H, S, D], cos/sin [P, R/2], offsets [B] or None."""
-    half = cos.shape[-1]
-    positions = torch.arange(x.shape[2])
-    if offsets is not None:
-        positions = offsets[:, None, None].to(torch.int64) + positions  # [B, 1, S]
-    c, s = cos[positions], sin[positions]
-    pairs, rest = x[..., :2 * half], x[..., 2 * half:]
-    if interleaved:
-        c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
-        turned = torch.stack((-pairs[..., 1::2], pairs[..., 0::2]), -1).flatten(-2)
-    else:
-        c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
-        turned = torch.cat((-pairs[..., half:], pairs[..., :half]), -1)
-    return torch.cat((pairs * c + turned * s, rest), -1)
 
 
 def make_inputs(d, rotary_dim, dtype, q_heads=4, k_heads=2, batch=2, seq=3, table=8, seed=0):
