@@ -143,6 +143,37 @@ def test_matches_transformers_apply_rotary_pos_emb():
         torch.testing.assert_close(ours_k, hf_k, rtol=0, atol=1e-6)
 
 
+def test_fullgraph_compile_traces_the_custom_op():
+    """torch.compile(fullgraph=True) traces rotary_qk through its fake kernels into one graph that
+    holds engine::rotary (and engine::rotary_backward), with eager's outputs and gradients."""
+    from torch._dynamo.backends.registry import lookup_backend
+    graphs = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    def step(q, k, cos, sin, offsets):
+        q_out, k_out = EF.rotary_qk(q, k, cos, sin, interleaved=True, positions=offsets, backend="cpu")
+        return (q_out * 2).sum() + k_out.square().sum()
+
+    q, k, cos, sin = make_inputs(16, 12, torch.float32)
+    offsets = torch.tensor([1, 3])
+    expected_loss = step(q, k, cos, sin, offsets)
+    expected = torch.autograd.grad(expected_loss, (q, k))
+    torch._dynamo.reset()
+    try:
+        loss = torch.compile(step, fullgraph=True, backend=recording_backend)(q, k, cos, sin, offsets)
+        grads = torch.autograd.grad(loss, (q, k))
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1
+    assert any("engine.rotary" in str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function")
+    torch.testing.assert_close(loss, expected_loss)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
 # ---------------------------------------------------------------------------------------------
 # The cos/sin tables
 
