@@ -52,7 +52,7 @@ def _inputs(dims, dtype, device, requires_grad):
         positions = offsets[:, None, None] + positions
     torch_args = (full(cos), full(sin), positions, rotary_dim, interleaved)
     tokens = batch * seq
-    bytes_moved = 2 * tokens * (Q_HEADS + K_HEADS) * HEAD_DIM * q.element_size() + tokens * rotary_dim * q.element_size()
+    bytes_moved = (2 * tokens * (Q_HEADS + K_HEADS) * HEAD_DIM + tokens * rotary_dim) * q.element_size()
     return q, k, (cos, sin, interleaved, offsets), torch_args, bytes_moved, f"{batch}x{seq} R={rotary_dim}"
 
 
