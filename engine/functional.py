@@ -382,10 +382,13 @@ def rotary_cos_sin(seq_len: int, rotary_dim: int, *, theta: float = 10000.0, sca
     "original_max_position_embeddings"} (Llama 3.1's per-frequency scaling). The older key "type"
     is read as "rope_type". Computed in float64, rounded once to dtype.
     """
-    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 0:
-        raise ValueError(f"seq_len must be an int >= 0, got {seq_len!r}")
-    if isinstance(rotary_dim, bool) or not isinstance(rotary_dim, int) or rotary_dim < 2 or rotary_dim % 2:
-        raise ValueError(f"rotary_dim must be an even int >= 2 (features rotate in pairs), got {rotary_dim!r}")
+    for name, value in (("seq_len", seq_len), ("rotary_dim", rotary_dim)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if seq_len < 0:
+        raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even and >= 2 (features rotate in pairs), got {rotary_dim}")
     theta = _validate.number("theta", theta, low=0.0)
     if theta <= 1.0:
         raise ValueError(f"theta must be > 1, got {theta}")
