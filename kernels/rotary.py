@@ -1,9 +1,10 @@
 """Rotary position embedding in Triton: q and k rotated in one launch (math in
 engine.reference.rotary).
 
-One program per token (b, s): it loads the token's R/2 cos and sin once, then for every head of
-q and of k rotates the R/2 feature pairs and copies the D - R pass-through features. The
-backward is the same kernel with CONJUGATE (the angles negated).
+One program per token (b, s): it loads the token's R/2 cos and sin once, then rotates the R/2
+feature pairs and copies the D - R pass-through features of q's heads and of k's, BLOCK_H heads
+at a time (a [BLOCK_H, R/2] tile, so that many loads are in flight). The backward is the same
+kernel with CONJUGATE (the angles negated).
 
 Memory traffic, B*S tokens of (Hq + Hk) heads of D s-byte features: reads and writes
 B*S*(Hq + Hk)*D*s each, plus B*S*R*s of cos and sin.
@@ -23,27 +24,27 @@ def _rotate_heads(X, stride_b, stride_h, stride_s,  # [B, H, S, D] input, unit s
                   Y,                                # [B, H, S, D] contiguous output
                   b, s, heads, seq, D, c, sn,       # c, sn: [BLOCK_HALF] angles of this token
                   HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
-                  INTERLEAVED: tl.constexpr):
+                  BLOCK_H: tl.constexpr, INTERLEAVED: tl.constexpr):
+    """Every head of X at token (b, s), BLOCK_H heads at a time: [BLOCK_H, BLOCK_HALF] pairs."""
     pair = tl.arange(0, BLOCK_HALF)
-    in_pair = pair < HALF
     if INTERLEAVED:  # (x[2i], x[2i + 1])
         first, second = 2 * pair, 2 * pair + 1
     else:            # (x[i], x[i + R/2])
         first, second = pair, pair + HALF
     rest = 2 * HALF + tl.arange(0, BLOCK_PASS)
-    in_rest = rest < 2 * HALF + PASS
-    # b, s are int64: the row pointers step by a head's stride, so no product can overflow int32
-    x_row = X + b * stride_b + s * stride_s
-    y_row = Y + (b * heads * seq + s) * D
-    for _ in range(0, heads):
-        x1 = tl.load(x_row + first, mask=in_pair, other=0.0).to(c.dtype)
-        x2 = tl.load(x_row + second, mask=in_pair, other=0.0).to(c.dtype)
-        tl.store(y_row + first, (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=in_pair)
-        tl.store(y_row + second, (x2 * c + x1 * sn).to(Y.dtype.element_ty), mask=in_pair)
+    x_token = X + b * stride_b + s * stride_s
+    for h0 in range(0, heads, BLOCK_H):
+        head = (h0 + tl.arange(0, BLOCK_H)).to(tl.int64)  # widened before it multiplies a stride
+        x_rows = x_token + head[:, None] * stride_h                        # [BLOCK_H, 1]
+        y_rows = Y + ((b * heads + head[:, None]) * seq + s) * D
+        in_pair = (head[:, None] < heads) & (pair[None, :] < HALF)        # [BLOCK_H, BLOCK_HALF]
+        x1 = tl.load(x_rows + first[None, :], mask=in_pair, other=0.0).to(c.dtype)
+        x2 = tl.load(x_rows + second[None, :], mask=in_pair, other=0.0).to(c.dtype)
+        tl.store(y_rows + first[None, :], (x1 * c[None, :] - x2 * sn[None, :]).to(Y.dtype.element_ty), mask=in_pair)
+        tl.store(y_rows + second[None, :], (x2 * c[None, :] + x1 * sn[None, :]).to(Y.dtype.element_ty), mask=in_pair)
         if PASS > 0:
-            tl.store(y_row + rest, tl.load(x_row + rest, mask=in_rest), mask=in_rest)
-        x_row += stride_h
-        y_row += seq * D
+            in_rest = (head[:, None] < heads) & (rest[None, :] < 2 * HALF + PASS)
+            tl.store(y_rows + rest[None, :], tl.load(x_rows + rest[None, :], mask=in_rest), mask=in_rest)
 
 
 @triton.jit
@@ -58,6 +59,7 @@ def _rotary_kernel(
     BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
     PASS: tl.constexpr,        # D - R pass-through features
     BLOCK_PASS: tl.constexpr,  # next power of two >= PASS (1 when PASS = 0)
+    BLOCK_H: tl.constexpr,     # heads rotated at once
     ACC: tl.constexpr,         # tl.float32, or tl.float64 for fp64 data
 ):
     token = tl.program_id(0).to(tl.int64)
@@ -71,22 +73,31 @@ def _rotary_kernel(
     if CONJUGATE:
         sn = -sn
     _rotate_heads(Q, stride_qb, stride_qh, stride_qs, QO, b, s, q_heads, seq, D, c, sn,
-                  HALF, BLOCK_HALF, PASS, BLOCK_PASS, INTERLEAVED)
+                  HALF, BLOCK_HALF, PASS, BLOCK_PASS, BLOCK_H, INTERLEAVED)
     if HAS_K:
         _rotate_heads(K, stride_kb, stride_kh, stride_ks, KO, b, s, k_heads, seq, D, c, sn,
-                      HALF, BLOCK_HALF, PASS, BLOCK_PASS, INTERLEAVED)
+                      HALF, BLOCK_HALF, PASS, BLOCK_PASS, BLOCK_H, INTERLEAVED)
 
 
-def _num_warps(head_dim: int) -> int:
-    # a token's rows are short (D <= a few hundred): one warp per 128 pair lanes, 1..4
-    return max(1, min(4, head_dim // 128))
+# Elements of a [BLOCK_H, block] tile of heads: enough loads in flight to cover memory latency,
+# few enough registers.
+TILE_ELEMENTS = 2048
 
 
-def _constexprs(half: int, head_dim: int, interleaved: bool, has_k: bool, has_offsets: bool, conjugate: bool,
-                acc) -> dict:
+def _constexprs(half: int, head_dim: int, heads: int, interleaved: bool, has_k: bool, has_offsets: bool,
+                conjugate: bool, acc) -> dict:
+    """The kernel's constexprs for rotary dim 2 * half of head_dim, at most `heads` heads a tensor."""
     passed = head_dim - 2 * half
+    block_half, block_pass = next_power_of_2(half), next_power_of_2(max(passed, 1))
+    block_h = min(next_power_of_2(max(heads, 1)), max(1, TILE_ELEMENTS // max(block_half, block_pass)))
     return dict(HAS_K=has_k, HAS_OFFSETS=has_offsets, INTERLEAVED=interleaved, CONJUGATE=conjugate, HALF=half,
-                BLOCK_HALF=next_power_of_2(half), PASS=passed, BLOCK_PASS=next_power_of_2(max(passed, 1)), ACC=acc)
+                BLOCK_HALF=block_half, PASS=passed, BLOCK_PASS=block_pass, BLOCK_H=block_h, ACC=acc)
+
+
+def _num_warps(constexprs: dict) -> int:
+    # one warp per 256 elements of the tile, 1..4
+    tile = constexprs["BLOCK_H"] * max(constexprs["BLOCK_HALF"], constexprs["BLOCK_PASS"])
+    return max(1, min(4, tile // 256))
 
 
 def _rotate(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
@@ -97,22 +108,19 @@ def _rotate(q: torch.Tensor, k: Optional[torch.Tensor], cos: torch.Tensor, sin: 
     if b * seq == 0:
         return q_out, k_out
     key, key_out = (k, k_out) if k is not None else (q, q_out)
+    constexprs = _constexprs(cos.shape[1], d, max(q_heads, key.shape[1]), interleaved, k is not None,
+                             offsets is not None, conjugate, tl.float64 if q.dtype == torch.float64 else tl.float32)
     _rotary_kernel[(b * seq,)](
         q, q.stride(0), q.stride(1), q.stride(2), q_out, q_heads,
         key, key.stride(0), key.stride(1), key.stride(2), key_out, key.shape[1],
         cos, sin, offsets if offsets is not None else cos, seq, d,
-        **_constexprs(cos.shape[1], d, interleaved, k is not None, offsets is not None, conjugate,
-                      tl.float64 if q.dtype == torch.float64 else tl.float32),
-        num_warps=_num_warps(d))
+        **constexprs, num_warps=_num_warps(constexprs))
     return q_out, k_out
 
 
 def supports(args) -> list[str]:
     """[] when rotary_fwd/bwd can run the call (engine.ops.rotary.RotaryArgs), else why not."""
-    reasons = dtype_reason(args.q.dtype)
-    if args.q.shape[2] * args.q.shape[3] >= 2**31:  # the output steps a head by S * D in int32
-        reasons.append(f"S * D = {args.q.shape[2] * args.q.shape[3]} is not below 2^31")
-    return reasons
+    return dtype_reason(args.q.dtype)  # indices are int64 (program id and heads widened)
 
 
 def rotary_fwd(q, k, cos, sin, offsets, interleaved):
@@ -136,12 +144,12 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
         dname = str(dtype).removeprefix("torch.")
         for name, (d, half, interleaved, has_offsets) in shapes.items():
             for conjugate in (False, True):
+                constexprs = _constexprs(half, d, 32, interleaved, True, has_offsets, conjugate, tl.float32)
                 cases.append(GpuCompileCase(
                     name=f"rotary_{'bwd' if conjugate else 'fwd'} {name} {dname} D={d} R={2 * half}",
                     kernel=_rotary_kernel,
                     args=(dtype, 32 * 64 * d, 64 * d, d, dtype, 32,
                           dtype, 8 * 64 * d, 64 * d, d, dtype, 8,
                           dtype, dtype, torch.int64, 64, d),
-                    constexprs=_constexprs(half, d, interleaved, True, has_offsets, conjugate, tl.float32),
-                    grid=(128,), num_warps=_num_warps(d)))
+                    constexprs=constexprs, grid=(128,), num_warps=_num_warps(constexprs)))
     return cases

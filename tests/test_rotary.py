@@ -123,6 +123,18 @@ def test_strided_inputs(backend, device):
     torch.testing.assert_close(q.grad, torch.func.vjp(lambda t: torch_rotary(t, cos, sin, None, False), q)[1](ones)[0])
 
 
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_more_heads_than_one_tile(backend, device):
+    """64 query heads of 128 features: more than the Triton kernel's tile of heads (2048 elements,
+    so 32 heads of 64 pairs) takes at once."""
+    skip_unless_runs(backend, device)
+    q, k, cos, sin = make_inputs(128, 128, torch.float32, q_heads=64, k_heads=8, batch=1, seq=2)
+    q_out, k_out = EF.rotary_qk(q, k, cos, sin, backend=backend)
+    torch.testing.assert_close(q_out, torch_rotary(q, cos, sin, None, False))
+    torch.testing.assert_close(k_out, torch_rotary(k, cos, sin, None, False))
+
+
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 def test_empty_batch(backend, device):
     skip_unless_runs(backend, device)
