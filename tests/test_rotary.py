@@ -143,16 +143,17 @@ def test_empty_batch(backend, device):
     assert q_out.shape == q.shape and k_out.shape == k.shape
 
 
-def test_matches_transformers_apply_rotary_pos_emb():
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_matches_transformers_apply_rotary_pos_emb(backend, device):
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
-    q, k, cos, sin = make_inputs(16, 16, torch.float32, seq=5)
-    positions = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])
+    skip_unless_runs(backend, device)
+    q, k, cos, sin = (t.detach().to(device) for t in make_inputs(16, 16, torch.float32, seq=5))
+    positions = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]], device=device)
     full_cos, full_sin = torch.cat((cos, cos), -1)[positions], torch.cat((sin, sin), -1)[positions]  # [B, S, D]
     hf_q, hf_k = llama.apply_rotary_pos_emb(q, k, full_cos, full_sin)
-    for backend in ("reference", "cpu", "triton"):
-        ours_q, ours_k = EF.rotary_qk(q, k, cos, sin, positions=torch.tensor([0, 3]), backend=backend)
-        torch.testing.assert_close(ours_q, hf_q, rtol=0, atol=1e-6)
-        torch.testing.assert_close(ours_k, hf_k, rtol=0, atol=1e-6)
+    ours_q, ours_k = EF.rotary_qk(q, k, cos, sin, positions=torch.tensor([0, 3], device=device), backend=backend)
+    torch.testing.assert_close(ours_q, hf_q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours_k, hf_k, rtol=0, atol=1e-6)
 
 
 def test_fullgraph_compile_traces_the_custom_op():
