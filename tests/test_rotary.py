@@ -21,11 +21,13 @@ VARIANTS = {
 }
 
 
-def make_inputs(d, rotary_dim, dtype, q_heads=4, k_heads=2, batch=2, seq=3, table=8, seed=0):
+def make_inputs(d, rotary_dim, dtype, device="cpu", q_heads=4, k_heads=2, batch=2, seq=3, table=8, seed=0):
+    """q [batch, q_heads, seq, d] and k [batch, k_heads, seq, d] (leaves that require grad), and
+    the tables cos, sin [table, rotary_dim / 2], on device."""
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, q_heads, seq, d, generator=g).to(dtype).requires_grad_()
-    k = torch.randn(batch, k_heads, seq, d, generator=g).to(dtype).requires_grad_()
-    cos, sin = EF.rotary_cos_sin(table, rotary_dim, theta=100.0, dtype=dtype)
+    q = torch.randn(batch, q_heads, seq, d, generator=g).to(device, dtype).requires_grad_()
+    k = torch.randn(batch, k_heads, seq, d, generator=g).to(device, dtype).requires_grad_()
+    cos, sin = EF.rotary_cos_sin(table, rotary_dim, theta=100.0, device=device, dtype=dtype)
     return q, k, cos, sin
 
 
@@ -46,8 +48,7 @@ def test_matches_reference(variant, dtype, with_offsets, backend, device):
     """q and k with different head counts (GQA), rotated in one call, forward and backward."""
     skip_unless_runs(backend, device)
     d, rotary_dim, interleaved = VARIANTS[variant]
-    q, k, cos, sin = (t.to(device) for t in make_inputs(d, rotary_dim, dtype))
-    q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
+    q, k, cos, sin = make_inputs(d, rotary_dim, dtype, device)
     offsets = torch.tensor([5, 2], device=device) if with_offsets else None
     ours = outputs_and_grads(lambda a, b: EF.rotary_qk(a, b, cos, sin, interleaved=interleaved, positions=offsets,
                                                        backend=backend), q, k)
@@ -68,8 +69,8 @@ def test_gradcheck_float64(interleaved, backend, device):
     skip_unless_runs(backend, device)
     # small: the numerical Jacobian runs the forward twice per input element (in the interpreter
     # for Triton); a partial rotary dim with a pass-through feature
-    q, k, cos, sin = make_inputs(5, 4, torch.float64, q_heads=2, k_heads=1, seq=2)
-    offsets = torch.tensor([1, 4])
+    q, k, cos, sin = make_inputs(5, 4, torch.float64, device, q_heads=2, k_heads=1, seq=2)
+    offsets = torch.tensor([1, 4], device=device)
 
     def fn(q_in, k_in):
         return EF.rotary_qk(q_in, k_in, cos, sin, interleaved=interleaved, positions=offsets, backend=backend)
@@ -81,7 +82,7 @@ def test_gradcheck_float64(interleaved, backend, device):
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 def test_rotary_alone_matches_rotary_qk(backend, device):
     skip_unless_runs(backend, device)
-    q, k, cos, sin = make_inputs(16, 8, torch.float32)
+    q, k, cos, sin = make_inputs(16, 8, torch.float32, device)
     q_out, k_out = EF.rotary_qk(q, k, cos, sin, backend=backend)
     assert torch.equal(EF.rotary(q, cos, sin, backend=backend), q_out)
     assert torch.equal(EF.rotary(k, cos, sin, backend=backend), k_out)
@@ -93,12 +94,12 @@ def test_rotary_alone_matches_rotary_qk(backend, device):
 def test_decode_step_matches_the_full_sequence(interleaved, backend, device):
     """A decode step's token (S = 1) at offset L gets what position L of the whole sequence gets."""
     skip_unless_runs(backend, device)
-    q, k, cos, sin = make_inputs(16, 16, torch.float32, seq=6)
+    q, k, cos, sin = make_inputs(16, 16, torch.float32, device, seq=6)
     full_q, full_k = EF.rotary_qk(q, k, cos, sin, interleaved=interleaved, backend=backend)
     lengths = [5, 2]
     step_q = torch.stack([q[b, :, length:length + 1] for b, length in enumerate(lengths)])
     step_k = torch.stack([k[b, :, length:length + 1] for b, length in enumerate(lengths)])
-    out_q, out_k = EF.rotary_qk(step_q, step_k, cos, sin, interleaved=interleaved, positions=torch.tensor(lengths),
+    out_q, out_k = EF.rotary_qk(step_q, step_k, cos, sin, interleaved=interleaved, positions=torch.tensor(lengths, device=device),
                                 backend=backend)
     for b, length in enumerate(lengths):
         torch.testing.assert_close(out_q[b], full_q[b, :, length:length + 1], rtol=0, atol=1e-6)
@@ -112,14 +113,14 @@ def test_strided_inputs(backend, device):
     gradient that arrives expanded (stride 0), as sum() sends it."""
     skip_unless_runs(backend, device)
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 3, 4, 16, generator=g).transpose(1, 2).requires_grad_()
-    k = torch.randn(2, 3, 2, 16, generator=g).transpose(1, 2).requires_grad_()
-    cos, sin = EF.rotary_cos_sin(3, 12)
+    q = torch.randn(2, 3, 4, 16, generator=g).to(device).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 3, 2, 16, generator=g).to(device).transpose(1, 2).requires_grad_()
+    cos, sin = EF.rotary_cos_sin(3, 12, device=device)
     q_out, k_out = EF.rotary_qk(q, k, cos, sin, backend=backend)
     torch.testing.assert_close(q_out, torch_rotary(q, cos, sin, None, False))
     torch.testing.assert_close(k_out, torch_rotary(k, cos, sin, None, False))
     (q_out.sum() + k_out.sum()).backward()
-    ones = torch.ones(2, 4, 3, 16)
+    ones = torch.ones(2, 4, 3, 16, device=device)
     torch.testing.assert_close(q.grad, torch.func.vjp(lambda t: torch_rotary(t, cos, sin, None, False), q)[1](ones)[0])
 
 
@@ -129,7 +130,7 @@ def test_more_heads_than_one_tile(backend, device):
     """64 query heads of 128 features: more than the Triton kernel's tile of heads (2048 elements,
     so 32 heads of 64 pairs) takes at once."""
     skip_unless_runs(backend, device)
-    q, k, cos, sin = make_inputs(128, 128, torch.float32, q_heads=64, k_heads=8, batch=1, seq=2)
+    q, k, cos, sin = make_inputs(128, 128, torch.float32, device, q_heads=64, k_heads=8, batch=1, seq=2)
     q_out, k_out = EF.rotary_qk(q, k, cos, sin, backend=backend)
     torch.testing.assert_close(q_out, torch_rotary(q, cos, sin, None, False))
     torch.testing.assert_close(k_out, torch_rotary(k, cos, sin, None, False))
@@ -138,7 +139,7 @@ def test_more_heads_than_one_tile(backend, device):
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 def test_empty_batch(backend, device):
     skip_unless_runs(backend, device)
-    q, k, cos, sin = make_inputs(16, 16, torch.float32, batch=0)
+    q, k, cos, sin = make_inputs(16, 16, torch.float32, device, batch=0)
     q_out, k_out = EF.rotary_qk(q, k, cos, sin, backend=backend)
     assert q_out.shape == q.shape and k_out.shape == k.shape
 
@@ -147,7 +148,7 @@ def test_empty_batch(backend, device):
 def test_matches_transformers_apply_rotary_pos_emb(backend, device):
     llama = pytest.importorskip("transformers.models.llama.modeling_llama")
     skip_unless_runs(backend, device)
-    q, k, cos, sin = (t.detach().to(device) for t in make_inputs(16, 16, torch.float32, seq=5))
+    q, k, cos, sin = make_inputs(16, 16, torch.float32, device, seq=5)
     positions = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]], device=device)
     full_cos, full_sin = torch.cat((cos, cos), -1)[positions], torch.cat((sin, sin), -1)[positions]  # [B, S, D]
     hf_q, hf_k = llama.apply_rotary_pos_emb(q, k, full_cos, full_sin)
