@@ -99,8 +99,8 @@ def test_decode_step_matches_the_full_sequence(interleaved, backend, device):
     lengths = [5, 2]
     step_q = torch.stack([q[b, :, length:length + 1] for b, length in enumerate(lengths)])
     step_k = torch.stack([k[b, :, length:length + 1] for b, length in enumerate(lengths)])
-    out_q, out_k = EF.rotary_qk(step_q, step_k, cos, sin, interleaved=interleaved, positions=torch.tensor(lengths, device=device),
-                                backend=backend)
+    offsets = torch.tensor(lengths, device=device)
+    out_q, out_k = EF.rotary_qk(step_q, step_k, cos, sin, interleaved=interleaved, positions=offsets, backend=backend)
     for b, length in enumerate(lengths):
         torch.testing.assert_close(out_q[b], full_q[b, :, length:length + 1], rtol=0, atol=1e-6)
         torch.testing.assert_close(out_k[b], full_k[b, :, length:length + 1], rtol=0, atol=1e-6)
