@@ -16,7 +16,7 @@ from torch import Tensor
 from engine import _validate, ops, reference
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "scaled_dot_product_attention",
-           "attention_with_kv_cache", "gelu", "linear", "feed_forward"]
+           "attention_with_kv_cache", "gelu", "linear", "feed_forward", "rotary", "rotary_qk", "rotary_cos_sin"]
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -287,3 +287,145 @@ def _run_linear(x, w, b, activation, dropout_p, residual, backend):
         return out.view(*x.shape[:-1], w.shape[0])
     out, _ = ops.linear.linear(x, w, b, activation, dropout_p, residual, backend)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embeddings
+
+
+def rotary(input: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False,
+           positions: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Rotary position embedding (RoPE) of input [B, H, S, D], the attention layout.
+
+    cos, sin [P, R/2] (from rotary_cos_sin, in input's dtype): row p holds the cos and sin of the
+    R/2 angles of position p. The rotary dim is R = 2 * cos.shape[-1] <= D: the first R features
+    rotate as R/2 pairs, the other D - R pass through (partial rotary, as Phi and GPT-NeoX). A pair
+    is (x[i], x[i + R/2]) by default, the half-split of Llama, GPT-NeoX and transformers'
+    rotate_half, or (x[2i], x[2i + 1]) with interleaved=True (GPT-J):
+        y1 = x1 cos[p, i] - x2 sin[p, i],  y2 = x2 cos[p, i] + x1 sin[p, i].
+    positions: None (token s at position s), or int [B] start offsets: token s of sequence b at
+    positions[b] + s, as a decode step's new tokens after cached ones (cache_seqlens - S).
+    Every position must lie in [0, P). transformers' cos [..., R] is cat(c, c): pass c = cos[...,
+    :R/2]. cos and sin get no gradient.
+    """
+    x = _validate.tensor("input", input)
+    _validate.rank("input", x, (4,))
+    out, _ = _rotate("input", x, None, cos, sin, interleaved, positions, backend)
+    return out
+
+
+def rotary_qk(query: Tensor, key: Tensor, cos: Tensor, sin: Tensor, *, interleaved: bool = False,
+              positions: Optional[Tensor] = None, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """rotary of query [B, Hq, S, D] and key [B, Hk, S, D] in one pass (one kernel launch, the
+    angles read once per token): returns (rotary(query, ...), rotary(key, ...)). Hk may differ
+    from Hq (grouped-query attention); the other dims must match."""
+    q = _validate.tensor("query", query)
+    k = _validate.tensor("key", key)
+    _validate.rank("query", q, (4,))
+    _validate.rank("key", k, (4,))
+    _validate.same_dtypes_and_device("query", q, key=k)
+    if (k.shape[0], k.shape[2], k.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]):
+        raise ValueError(f"key [B, Hk, S, D] must match query's B, S and D, got key {tuple(k.shape)} and query "
+                         f"{tuple(q.shape)}")
+    return _rotate("query", q, k, cos, sin, interleaved, positions, backend)
+
+
+def _rotate(name: str, x: Tensor, k: Optional[Tensor], cos, sin, interleaved, positions, backend):
+    """Validates the tables and positions for x [B, H, S, D] (and k), then runs the rotary op."""
+    c = _validate.tensor("cos", cos)
+    s = _validate.tensor("sin", sin)
+    _validate.same_dtypes_and_device(name, x, cos=c, sin=s)
+    _validate.rank("cos", c, (2,))
+    _validate.shape("sin", s, c.shape)
+    b, _, seq, d = x.shape
+    table_length, half = c.shape
+    if not 1 <= half <= d // 2:
+        raise ValueError(f"cos and sin [P, R/2] set the rotary dim R = {2 * half}; it must be in [2, {d - d % 2}] "
+                         f"(the head dim {d}, rounded down to even)")
+    if (c.requires_grad or s.requires_grad) and torch.is_grad_enabled():
+        raise ValueError("cos and sin get no gradient; pass them detached")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    offsets = None
+    if positions is None:
+        if seq > table_length:
+            raise ValueError(f"{name} has {seq} positions but cos and sin hold {table_length}")
+    else:
+        offsets = _validate.tensor("positions", positions, (torch.int32, torch.int64))
+        _validate.same_device("positions", offsets, name, x)
+        _validate.shape("positions", offsets, (b,))
+        offsets = offsets.to(torch.int64)
+        if offsets.numel() and seq and not torch.compiler.is_compiling():
+            low, high = (int(v) for v in torch.aminmax(offsets))
+            if low < 0 or high + seq > table_length:
+                raise ValueError(f"positions (start offsets) must lie in [0, {table_length - seq}] so that "
+                                 f"offset + {seq} tokens fit the {table_length} rows of cos and sin, got "
+                                 f"[{low}, {high}]")
+    if x.numel() == 0 and (k is None or k.numel() == 0):  # nothing to rotate: the plain torch math answers
+        rotated = reference.rotary(x, c, s, offsets, interleaved)
+        return rotated, (reference.rotary(k, c, s, offsets, interleaved) if k is not None else None)
+    return ops.rotary.rotary(x, k, c, s, offsets, interleaved, backend)
+
+
+_ROPE_TYPES = {"default": (), "linear": ("factor",),
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rotary_cos_sin(seq_len: int, rotary_dim: int, *, theta: float = 10000.0, scaling: Optional[dict] = None,
+                   device=None, dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """The angle tables of rotary: (cos, sin), each [seq_len, rotary_dim / 2] in `dtype`.
+
+    Position p turns pair i by p * inv_freq[i], inv_freq[i] = theta^(-2i / rotary_dim) (theta is
+    transformers' rope_theta). scaling is transformers' rope_scaling dict: None or
+    {"rope_type": "default"}; {"rope_type": "linear", "factor"} (positions divided by factor);
+    {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"} (Llama 3.1's per-frequency scaling). The older key "type"
+    is read as "rope_type". Computed in float64, rounded once to dtype.
+    """
+    for name, value in (("seq_len", seq_len), ("rotary_dim", rotary_dim)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if seq_len < 0:
+        raise ValueError(f"seq_len must be >= 0, got {seq_len}")
+    if rotary_dim < 2 or rotary_dim % 2:
+        raise ValueError(f"rotary_dim must be even and >= 2 (features rotate in pairs), got {rotary_dim}")
+    theta = _validate.number("theta", theta, low=0.0)
+    if theta <= 1.0:
+        raise ValueError(f"theta must be > 1, got {theta}")
+    if dtype not in _validate.FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {_validate.FLOAT_DTYPES}, got {dtype}")
+    inv_freq = theta ** -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+    inv_freq = _scaled_frequencies(inv_freq, scaling)
+    angles = torch.arange(seq_len, dtype=torch.float64)[:, None] * inv_freq  # [seq_len, rotary_dim / 2]
+    return angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype)
+
+
+def _scaled_frequencies(inv_freq: Tensor, scaling: Optional[dict]) -> Tensor:
+    """inv_freq [R/2] (float64) after transformers' rope_scaling (see rotary_cos_sin)."""
+    if scaling is None:
+        return inv_freq
+    if not isinstance(scaling, dict):
+        raise TypeError(f"scaling must be a dict (transformers' rope_scaling) or None, got {type(scaling).__name__}")
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    _validate.choice("scaling's rope_type", rope_type, tuple(_ROPE_TYPES))
+    missing = [key for key in _ROPE_TYPES[rope_type] if key not in scaling]
+    if missing:
+        raise ValueError(f"scaling of rope_type {rope_type!r} needs {', '.join(missing)}")
+    if rope_type == "default":
+        return inv_freq
+    factor = _validate.number("scaling's factor", scaling["factor"], low=0.0)
+    if factor == 0:
+        raise ValueError("scaling's factor must be > 0, got 0.0")
+    if rope_type == "linear":
+        return inv_freq / factor
+    low = _validate.number("scaling's low_freq_factor", scaling["low_freq_factor"], low=0.0)
+    high = _validate.number("scaling's high_freq_factor", scaling["high_freq_factor"], low=0.0)
+    if not 0 < low < high:
+        raise ValueError(f"scaling needs 0 < low_freq_factor < high_freq_factor, got {low} and {high}")
+    context = _validate.number("scaling's original_max_position_embeddings",
+                               scaling["original_max_position_embeddings"], low=1.0)
+    # Wavelengths longer than context / low are divided by factor, shorter than context / high kept,
+    # and those between blend the two by where context / wavelength falls in [low, high].
+    wavelength = 2 * math.pi / inv_freq
+    blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
+    return (1 - blend) * inv_freq / factor + blend * inv_freq

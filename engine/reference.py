@@ -280,6 +280,38 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
 ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
 
 
+def rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], interleaved: bool,
+           conjugate: bool = False) -> Tensor:
+    """Rotary position embedding of x [B, H, S, D] by the angle tables cos, sin [P, R/2].
+
+    Token s of sequence b sits at position p = s (+ offsets[b], int64 [B]). Its first R = 2 *
+    cos.shape[-1] features form R/2 pairs (x1, x2): (x[i], x[i + R/2]) in the half-split
+    convention (Llama, GPT-NeoX, transformers' rotate_half), (x[2i], x[2i + 1]) interleaved
+    (GPT-J); pair i turns by the angle whose cos and sin are cos[p, i], sin[p, i]:
+        y1 = x1 cos - x2 sin,  y2 = x2 cos + x1 sin.
+    Features R..D-1 pass through. conjugate=True turns by -angle: the backward, since the
+    gradient of a rotation is the opposite rotation of the output's gradient.
+    Returns y [B, H, S, D] (contiguous) in x's dtype, computed in the accumulator dtype.
+    """
+    half = cos.shape[-1]
+    acc = accumulator_dtype(x.dtype)
+    positions = torch.arange(x.shape[2], device=x.device)
+    if offsets is not None:
+        positions = offsets[:, None, None] + positions  # [B, 1, S]: broadcasts over heads
+    c, s = cos.to(acc)[positions], sin.to(acc)[positions]  # [S, R/2] or [B, 1, S, R/2]
+    if conjugate:
+        s = -s
+    v = x.to(acc)
+    pairs, rest = v[..., :2 * half], v[..., 2 * half:]
+    if interleaved:
+        x1, x2 = pairs[..., 0::2], pairs[..., 1::2]
+    else:
+        x1, x2 = pairs[..., :half], pairs[..., half:]
+    y1, y2 = x1 * c - x2 * s, x2 * c + x1 * s
+    rotated = torch.stack((y1, y2), -1).flatten(-2) if interleaved else torch.cat((y1, y2), -1)
+    return torch.cat((rotated, rest), -1).to(x.dtype)
+
+
 def activate(x: Tensor, activation: str) -> Tensor:
     """gelu: x * Phi(x) (erf form); gelu_tanh: torch's approximate="tanh" form; relu; none."""
     if activation == "gelu":

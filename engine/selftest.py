@@ -224,6 +224,34 @@ def _ffn_problem(shape, g):
     return Problem(inputs, engine_op, plain, reference_op, max(shape))
 
 
+def _rotary_problem(rotary_dim: int, interleaved: bool):
+    """rotary_qk of q and k (GQA) at per-sequence offsets; shape (batch, query heads, key heads,
+    sequence, head dim). The plain form is reference.rotary too: torch has no rotary op, and the
+    reference rounds once from fp32 as a careful user's code does."""
+    def build(shape, g):
+        b, hq, hk, s, d = shape
+        inputs = {"q": _randn(g, b, hq, s, d), "k": _randn(g, b, hk, s, d)}
+        cos, sin = EF.rotary_cos_sin(2 * s, rotary_dim, dtype=torch.float64)
+        offsets = torch.randint(0, s + 1, (b,), generator=g)
+
+        def tables(t):  # the tables in the inputs' dtype, the offsets on their device
+            q = t["q"]
+            return cos.to(q.device, q.dtype), sin.to(q.device, q.dtype), offsets.to(q.device)
+
+        def engine_op(t, backend):
+            c, sn, o = tables(t)
+            q_out, k_out = EF.rotary_qk(t["q"], t["k"], c, sn, interleaved=interleaved, positions=o, backend=backend)
+            return {"q_out": q_out, "k_out": k_out}
+
+        def reference_op(t):
+            c, sn, o = tables(t)
+            return {"q_out": reference.rotary(t["q"], c, sn, o, interleaved),
+                    "k_out": reference.rotary(t["k"], c, sn, o, interleaved)}
+
+        return Problem(inputs, engine_op, reference_op, reference_op, 1)
+    return build
+
+
 # Dropout: the engine draws its Philox seed from torch's default generator, so torch.manual_seed
 # fixes the mask, and every backend computes the same mask for a seed (engine/reference.py). The
 # reference backend is the plain-torch math: seeded alike, it gives the float64 reference (on
@@ -272,6 +300,7 @@ _ATTENTION_SHAPES = ((1, 2, 2, 37, 64), (2, 4, 4, 200, 64))
 _GQA_SHAPES = ((1, 4, 2, 37, 64), (2, 4, 2, 200, 64))
 _LINEAR_SHAPES = ((18, 64, 100), (250, 512, 1000))
 _FFN_SHAPES = ((18, 64, 160), (130, 256, 1024))
+_ROTARY_SHAPES = ((1, 4, 2, 9, 64), (2, 8, 2, 200, 64))
 OPS = {
     "layer_norm": (_norm_problem(False, False), _NORM_SHAPES, DTYPES, False),
     "rms_norm": (_norm_problem(False, True), _NORM_SHAPES, DTYPES, False),
@@ -287,6 +316,8 @@ OPS = {
     "linear_gelu_tanh": (_linear_problem("gelu_tanh"), _LINEAR_SHAPES, DTYPES, False),
     "linear_relu": (_linear_problem("relu"), _LINEAR_SHAPES, DTYPES, False),
     "feed_forward": (_ffn_problem, _FFN_SHAPES, DTYPES, False),
+    "rotary": (_rotary_problem(64, False), _ROTARY_SHAPES, DTYPES, False),
+    "rotary_interleaved_partial": (_rotary_problem(32, True), _ROTARY_SHAPES, DTYPES, False),
     # dropout: one dtype (the mask does not depend on it), the small shape only
     "sdpa_dropout": (_attention_dropout_problem, _GQA_SHAPES[:1], (torch.float32,), True),
     "feed_forward_dropout": (_ffn_dropout_problem, _FFN_SHAPES[:1], (torch.float32,), True),

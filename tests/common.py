@@ -5,7 +5,8 @@ Outputs are compared with the reference computed in float64, under the project's
 eps at the result's scale (widened for long fp32 reductions); float64 results must agree to 1e-10
 relative.
 
-Also the small GPT that the model tests (GPT, torch.compile, distributed) share.
+Also the small GPT that the model tests (GPT, torch.compile, distributed) share, and rotary
+position embedding as plain PyTorch (tests/test_rotary.py and tests/test_properties.py).
 """
 import torch
 
@@ -33,3 +34,21 @@ def assert_matches_reference(actual: torch.Tensor, expected64: torch.Tensor, bas
     error = max_error(actual, expected64)
     allowed = allowed_error(actual.dtype, expected64, baseline, terms_scale, reduction_length)
     assert error <= allowed, f"{name}: max error {error:.3g} > allowed {allowed:.3g} ({actual.dtype})"
+
+
+def torch_rotary(x, cos, sin, offsets, interleaved):
+    """What a user writes in plain PyTorch (transformers' rotate_half form, GPT-J's
+    rotate_every_two): x [B, H, S, D], cos/sin [P, R/2], offsets [B] or None."""
+    half = cos.shape[-1]
+    positions = torch.arange(x.shape[2], device=x.device)
+    if offsets is not None:
+        positions = offsets[:, None, None].to(torch.int64) + positions  # [B, 1, S]
+    c, s = cos[positions], sin[positions]
+    pairs, rest = x[..., :2 * half], x[..., 2 * half:]
+    if interleaved:
+        c, s = c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)
+        turned = torch.stack((-pairs[..., 1::2], pairs[..., 0::2]), -1).flatten(-2)
+    else:
+        c, s = torch.cat((c, c), -1), torch.cat((s, s), -1)
+        turned = torch.cat((-pairs[..., half:], pairs[..., :half]), -1)
+    return torch.cat((pairs * c + turned * s, rest), -1)

@@ -1,8 +1,8 @@
 """The bad-input catalogue of the modules and models: each bad call raises the expected error class
 (ValueError for a wrong value or shape, TypeError for a wrong type or dtype) with a message that
 names the argument and what would be valid, before any kernel runs. The functional API's
-catalogues sit with their ops (_bad_calls in tests/test_attention.py, test_linear.py and
-test_layer_norm.py)."""
+catalogues sit with their ops (_bad_calls in tests/test_attention.py, test_linear.py,
+test_layer_norm.py and test_rotary.py)."""
 import pytest
 import torch
 

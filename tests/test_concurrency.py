@@ -25,7 +25,8 @@ def _inputs():
                 q=torch.randn(2, 4, 24, 16, generator=g), k=torch.randn(2, 2, 24, 16, generator=g),
                 v=torch.randn(2, 2, 24, 16, generator=g), bias=torch.randn(1, 4, 24, 24, generator=g),
                 q1=torch.randn(2, 4, 1, 16, generator=g),
-                lengths=torch.tensor([24, 11], dtype=torch.int32))
+                lengths=torch.tensor([24, 11], dtype=torch.int32), rope=EF.rotary_cos_sin(32, 12),
+                offsets=torch.tensor([3, 8]))
 
 
 OPS = {
@@ -36,6 +37,7 @@ OPS = {
     "sdpa": lambda t, be: EF.scaled_dot_product_attention(t["q"], t["k"], t["v"], t["bias"], is_causal=True,
                                                           enable_gqa=True, backend=be),
     "decode": lambda t, be: EF.attention_with_kv_cache(t["q1"], t["k"], t["v"], t["lengths"], backend=be),
+    "rotary": lambda t, be: EF.rotary(t["q"], *t["rope"], interleaved=True, positions=t["offsets"], backend=be),
 }
 
 

@@ -1,6 +1,6 @@
 """Property tests (hypothesis): each op, forward and backward, against torch in float64 over drawn
 shapes, strides, optional operands, masks (bool, float, each broadcast form), causal, GQA and
-Sq != Sk. float64 results must agree with torch's to 1e-10 relative (tests/common.py).
+Sq != Sk, rotary dims and position offsets. float64 results must agree with torch's to 1e-10 relative (tests/common.py).
 
 The reference and cpu backends take the full draw; triton, which runs in the interpreter here
 (about a millisecond per program), takes a few tiny examples.
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import engine.functional as EF
-from common import assert_matches_reference
+from common import assert_matches_reference, torch_rotary
 from conftest import backend_device_pairs, skip_unless_runs
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -212,3 +212,41 @@ def _check_attention(case, backend, device):
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 def test_attention_matches_torch(backend, device):
     _check_every_drawn_case(attention_cases, _check_attention, backend, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+@st.composite
+def rotary_cases(draw, tiny: bool):
+    d = draw(st.integers(2, 16 if tiny else 40))
+    seq = draw(st.integers(1, 3 if tiny else 12))
+    return dict(b=draw(st.integers(1, 2)), hq=draw(st.integers(1, 3)), hk=draw(st.integers(1, 3)), seq=seq, d=d,
+                half=draw(st.integers(1, d // 2)), interleaved=draw(st.booleans()), offsets=draw(st.booleans()),
+                extra_rows=draw(st.integers(0, 5)), transposed=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+def _check_rotary(case, backend, device):
+    g = torch.Generator().manual_seed(case["seed"])
+    b, seq, d = case["b"], case["seq"], case["d"]
+    rows = seq + case["extra_rows"]
+    cos, sin = (t.to(device) for t in EF.rotary_cos_sin(rows, 2 * case["half"], theta=50.0, dtype=f64))
+
+    def heads(h):  # [B, H, S, D], or a [B, S, H, D] tensor's transposed view as projections give
+        t = _tensor(g, b, seq, h, d).transpose(1, 2) if case["transposed"] else _tensor(g, b, h, seq, d)
+        return t.to(device).requires_grad_()
+
+    q, k = heads(case["hq"]), heads(case["hk"])
+    offsets = torch.randint(0, case["extra_rows"] + 1, (b,), generator=g).to(device) if case["offsets"] else None
+    actual = EF.rotary_qk(q, k, cos, sin, interleaved=case["interleaved"], positions=offsets, backend=backend)
+    expected = [torch_rotary(t, cos, sin, offsets, case["interleaved"]) for t in (q, k)]
+    grads_out = [_tensor(g, *t.shape).to(device) for t in expected]
+    _compare(actual, expected, ["q_out", "k_out"])
+    _compare(torch.autograd.grad(actual, (q, k), grads_out), torch.autograd.grad(expected, (q, k), grads_out),
+             ["dq", "dk"])
+
+
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_rotary_matches_torch(backend, device):
+    _check_every_drawn_case(rotary_cases, _check_rotary, backend, device)
