@@ -43,7 +43,7 @@ import triton.language as tl
 from engine.kernels.common import INTERPRET, TORCH_TO_TL, GpuCompileCase
 from engine.ops.common import dtype_reason
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL = {**TORCH_TO_TL, torch.float64: tl.float64}
 
@@ -94,6 +94,17 @@ def _gelu_tanh_parts(x):
 
 
 @triton.jit
+def _sigmoid_pair(x):
+    """(s, 1 - s) with s = sigmoid(x), from e = exp(-|x|) in (0, 1]: one is 1 / (1 + e), the other
+    e / (1 + e); no overflow, and 1 - s without cancellation for x > 0."""
+    negative = x < 0.0
+    e = tl.exp(tl.where(negative, x, -x))
+    larger = 1.0 / (1.0 + e)
+    smaller = e * larger
+    return tl.where(negative, smaller, larger), tl.where(negative, larger, smaller)
+
+
+@triton.jit
 def _activate(x, ACTIVATION: tl.constexpr):
     """act(x) elementwise in x's (fp32 or fp64) dtype; formulas as engine/reference.py activate."""
     if ACTIVATION == "gelu":
@@ -103,6 +114,9 @@ def _activate(x, ACTIVATION: tl.constexpr):
         return x * s
     elif ACTIVATION == "relu":
         return tl.where(x < 0.0, 0.0, x)  # NaN is not < 0: it propagates, as torch's relu (tl.maximum drops it)
+    elif ACTIVATION == "silu":
+        s, _ = _sigmoid_pair(x)
+        return x * s
     else:
         return x
 
@@ -125,6 +139,9 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
         return s + x * gate_slope * (2.0 * 0.7978845608028654) * (1.0 + 0.134145 * tl.minimum(x * x, 1e4))
     elif ACTIVATION == "relu":
         return tl.where(x > 0, 1.0, 0.0)
+    elif ACTIVATION == "silu":  # s (1 + x (1 - s))
+        s, one_minus_s = _sigmoid_pair(x)
+        return s * (1.0 + x * one_minus_s)
     else:
         return tl.full(x.shape, 1.0, x.dtype)
 
@@ -236,7 +253,7 @@ def _linear_fwd_kernel(
     seed: tl.int64,                 # dropout key (64 bits: low word = k0, high word = k1)
     dropout_p,                      # dropout probability (fp32), used when HAS_DROPOUT
     scale_hi, scale_lo,             # 1 / (1 - p) = scale_hi + scale_lo (two fp32 values)
-    ACTIVATION: tl.constexpr,       # "none", "gelu", "gelu_tanh", "relu"
+    ACTIVATION: tl.constexpr,       # one of ACTIVATIONS
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_PRE: tl.constexpr, STORE_MASK: tl.constexpr,
     DOT_DTYPE: tl.constexpr,        # tl.dot operand dtype: x's on GPU; interpreter: see _dot_dtype

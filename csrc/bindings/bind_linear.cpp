@@ -7,7 +7,7 @@
 //   linear_backward(grad_out [M, N], x, weight, pre?, activation, dropout_p, seed, need_weight_grad,
 //                   need_bias_grad) -> (dx [M, K], dweight [N, K] or empty, dbias [N] or empty)
 //   gelu_forward(x, approximate) -> y;  gelu_backward(grad_y, x, approximate) -> dx
-// activation is a string: "none", "gelu" (erf form), "gelu_tanh", "relu"; approximate is "none"
+// activation is a string: "none", "gelu" (erf form), "gelu_tanh", "relu", "silu"; approximate is "none"
 // or "tanh" as in torch.nn.functional.gelu.
 //
 // CPU: tiles of BLAS products with the epilogue on each tile in cache (cpu/linear_blas.cpp).
@@ -32,7 +32,8 @@ Activation parse_activation(const std::string& name) {
   if (name == "gelu") return Activation::kGelu;
   if (name == "gelu_tanh") return Activation::kGeluTanh;
   if (name == "relu") return Activation::kRelu;
-  TORCH_CHECK(false, "linear: unknown activation '", name, "' (expected none, gelu, gelu_tanh or relu)");
+  if (name == "silu") return Activation::kSilu;
+  TORCH_CHECK(false, "linear: unknown activation '", name, "' (expected none, gelu, gelu_tanh, relu or silu)");
 }
 
 bool parse_approximate(const std::string& approximate) {
