@@ -300,6 +300,31 @@ def test_dropout_mask_fraction_determinism_and_gradients(backend, device):
         torch.testing.assert_close(actual.double(), exp, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_gated_dropout_and_residual(backend, device):
+    """swiglu with dropout and a residual: the [M, H] mask is the stream's for the output columns
+    (counters (j, m) of output [m, j]), and out and gradients match the float64 reference."""
+    skip_unless_runs(backend, device)
+    p, m, k, h = 0.3, 40, 24, 70
+    g = torch.Generator().manual_seed(12)
+    x = rand(m, k, g=g, dtype=torch.float32, device=device)
+    w = rand(2 * h, k, g=g, dtype=torch.float32, device=device, scale=k ** -0.5)
+    b = rand(2 * h, g=g, dtype=torch.float32, device=device)
+    r = rand(m, h, g=g, dtype=torch.float32, device=device)
+    torch.manual_seed(8)
+    out, keep = linear_op.linear(x, w, b, "swiglu", p, r, backend, return_dropout_mask=True)
+    expected_keep = reference.dropout_keep_mask(_seed_the_op_draws(8), p, m, h).view(m, h)
+    assert keep.shape == (m, h) and torch.equal(keep.cpu(), expected_keep)
+    grad_out = torch.randn(out.shape, generator=g).to(out)
+    grads = torch.autograd.grad(out, (x, w, b, r), grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b, r)]
+    out64, _ = reference.linear(*leaves64[:3], "swiglu", p, expected_keep.to(device), leaves64[3])
+    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    torch.testing.assert_close(out.double(), out64, atol=1e-4, rtol=1e-4)
+    for actual, exp in zip(grads, grads64):
+        torch.testing.assert_close(actual.double(), exp, atol=1e-3, rtol=1e-4)
+
+
 def test_feed_forward_dropout_is_seeded_by_torch():
     g = torch.Generator().manual_seed(0)
     x, w1, b1 = torch.randn(8, 16, generator=g), torch.randn(64, 16, generator=g), torch.randn(64, generator=g)
