@@ -431,3 +431,17 @@ def test_feed_forward_module():
     ffn.train()
     assert not torch.allclose(ffn(x), expected)
     assert set(ffn.state_dict()) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
+
+
+def test_gated_modules():
+    """Linear(..., activation="geglu") outputs half its out_features; FeedForward(..., "swiglu")
+    holds linear1 [2 * d_ff, d_model] (gate rows, then up rows)."""
+    linear = engine.nn.Linear(12, 20, activation="geglu")
+    x = torch.randn(3, 12)
+    gate, up = F.linear(x, linear.weight, linear.bias).chunk(2, dim=-1)
+    torch.testing.assert_close(linear(x), F.gelu(gate) * up, atol=1e-5, rtol=1e-5)
+    ffn = engine.nn.FeedForward(16, 24, activation="swiglu")
+    assert ffn.linear1.weight.shape == (48, 16) and ffn.linear2.weight.shape == (16, 24)
+    x = torch.randn(2, 5, 16)
+    gate, up = ffn.linear1(x).chunk(2, dim=-1)
+    torch.testing.assert_close(ffn(x), ffn.linear2(F.silu(gate) * up), atol=1e-5, rtol=1e-5)
