@@ -8,7 +8,7 @@
 //                   need_bias_grad) -> (dx [M, K], dweight [N, K] or empty, dbias [N] or empty)
 //   gelu_forward(x, approximate) -> y;  gelu_backward(grad_y, x, approximate) -> dx
 // activation is a string: "none", "gelu" (erf form), "gelu_tanh", "relu", "silu", or a gated one,
-// "swiglu", "geglu", "geglu_tanh" (CPU only): weight [2H, K] = gate rows then up rows, out,
+// "swiglu", "geglu", "geglu_tanh": weight [2H, K] = gate rows then up rows, out,
 // residual, keep and grad_out [M, H], out = act(gate) * up (silu, gelu, gelu_tanh); approximate is "none"
 // or "tanh" as in torch.nn.functional.gelu.
 //
@@ -92,7 +92,7 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
     using T = decltype(tag);
 #ifdef ENGINE_WITH_CUDA
     if (x.is_cuda()) {
-      TORCH_CHECK(!gated, "linear: gated activations are not in the CUDA kernels");
+      // One GEMM of the whole weight: gated, its [M, 2H] product holds the gate's columns then the up ones.
       at::Tensor destination = activation != Activation::kNone ? pre : out;
       const bool bias_in_gemm = b.defined() && (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>);
       if (bias_in_gemm)
@@ -109,8 +109,9 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
       args.out = static_cast<T*>(out.data_ptr());
       args.keep = keep.numel() > 0 ? static_cast<bool*>(keep.data_ptr()) : nullptr;
       args.rows = m;
-      args.cols = n;
+      args.cols = width;
       args.activation = activation;
+      args.gated = gated;
       args.dropout_p = dropout_p;
       args.seed = seed_bits;
       if (activation != Activation::kNone || args.bias || dropout_p > 0 || args.residual)
@@ -157,7 +158,6 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
     using T = decltype(tag);
 #ifdef ENGINE_WITH_CUDA
     if (x.is_cuda()) {
-      TORCH_CHECK(!gated, "linear: gated activations are not in the CUDA kernels");
       const bool identity = activation == Activation::kNone && dropout_p == 0;
       at::Tensor g = grad;
       if (identity) {
@@ -178,8 +178,9 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
         args.bias_grad = need_bias_grad ? static_cast<T*>(dbias.data_ptr()) : nullptr;
         args.partials = partials;
         args.rows = m;
-        args.cols = n;
+        args.cols = width;
         args.activation = activation;
+        args.gated = gated;
         args.dropout_p = dropout_p;
         args.seed = seed_bits;
         cuda::linear_backward_prologue(args, current_stream());

@@ -125,8 +125,6 @@ def _cpp_supports(kind: str):
     def supports(args: LinearArgs) -> list[str]:
         # csrc/cpu and csrc/cuda: any float dtype; the dropout counters (n, m) are 32-bit.
         reasons = common.dtype_reason(args.x.dtype)
-        if kind == "cuda" and args.activation in reference.GATED_ACTIVATIONS:
-            reasons.append(f"the gated activation {args.activation!r} is not in csrc/cuda")
         if args.x.shape[0] >= 2**31 or args.weight.shape[0] >= 2**31:
             reasons.append(f"{args.x.shape[0]} rows x {args.weight.shape[0]} outputs: the C++ kernels take fewer "
                            "than 2^31 of each")
