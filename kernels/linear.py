@@ -189,32 +189,35 @@ def _dropout_scale(scale_hi, scale_lo, ACC: tl.constexpr):
 @triton.jit
 def _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m, n, M, N,
                  seed, dropout_p, scale,
-                 ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr):
-    """g = grad_out * keep * scale * act'(pre) for the elements [m, n] of the product (m, n: int64
-    index tensors broadcasting to the tile's shape, [BM, 1] x [1, BN] or, transposed, [1, BM] x
-    [BN, 1]); 0 outside [0, M) x [0, N], so padding adds nothing to the products or the bias sums.
-    GATED: the product is [M, N] = [gate | up] and grad_out [M, N / 2]; with g_out = grad_out *
-    keep * scale at hidden column j, g = g_out * up * act'(gate) in the gate half (n = j) and
-    g_out * act(gate) in the up half (n = N / 2 + j)."""
+                 ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr):
+    """g = grad_out * keep * scale * act'(pre) for the elements [m, n] (m, n: int64 index tensors
+    broadcasting to the tile's shape, [BM, 1] x [1, BN] or, transposed, [1, BM] x [BN, 1]); 0
+    outside [0, M) x [0, N], so padding adds nothing to the products or the bias sums."""
     valid = (m < M) & (n < N)
-    if GATED:
-        hidden = N // 2
-        in_up = n >= hidden
-        j = n - tl.where(in_up, hidden, 0)   # hidden column of element n
-        g = tl.load(DO + m * stride_dom + j * stride_don, mask=valid, other=0.0).to(ACC)
-        if HAS_DROPOUT:
-            g = tl.where(_dropout_keep(seed, m, j, dropout_p), g * scale, 0.0)
-        gate = tl.load(PRE + m * stride_pm + j * stride_pn, mask=valid, other=0.0).to(ACC)
-        up = tl.load(PRE + m * stride_pm + (j + hidden) * stride_pn, mask=valid, other=0.0).to(ACC)
-        g = tl.where(in_up, g * _activate(gate, ACTIVATION), g * up * _activation_grad(gate, ACTIVATION))
-    else:
-        g = tl.load(DO + m * stride_dom + n * stride_don, mask=valid, other=0.0).to(ACC)
-        if HAS_DROPOUT:
-            g = tl.where(_dropout_keep(seed, m, n, dropout_p), g * scale, 0.0)
-        if ACTIVATION != "none":
-            pre = tl.load(PRE + m * stride_pm + n * stride_pn, mask=valid, other=0.0).to(ACC)
-            g = g * _activation_grad(pre, ACTIVATION)
+    g = tl.load(DO + m * stride_dom + n * stride_don, mask=valid, other=0.0).to(ACC)
+    if HAS_DROPOUT:
+        g = tl.where(_dropout_keep(seed, m, n, dropout_p), g * scale, 0.0)
+    if ACTIVATION != "none":
+        pre = tl.load(PRE + m * stride_pm + n * stride_pn, mask=valid, other=0.0).to(ACC)
+        g = g * _activation_grad(pre, ACTIVATION)
     return g
+
+
+@triton.jit
+def _gated_output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m, j, M, H,
+                       seed, dropout_p, scale,
+                       ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr):
+    """The gated form of _output_grad for output elements [m, j] (the product is [M, 2H] =
+    [gate | up], grad_out [M, H]): with g_out = grad_out * keep * scale, returns the gate's
+    g_out * up * act'(gate) (columns j of the product's gradient) and the up projection's
+    g_out * act(gate) (columns H + j); 0 outside [0, M) x [0, H]."""
+    valid = (m < M) & (j < H)
+    g = tl.load(DO + m * stride_dom + j * stride_don, mask=valid, other=0.0).to(ACC)
+    if HAS_DROPOUT:
+        g = tl.where(_dropout_keep(seed, m, j, dropout_p), g * scale, 0.0)
+    gate = tl.load(PRE + m * stride_pm + j * stride_pn, mask=valid, other=0.0).to(ACC)
+    up = tl.load(PRE + m * stride_pm + (H + j) * stride_pn, mask=valid, other=0.0).to(ACC)
+    return g * up * _activation_grad(gate, ACTIVATION), g * _activate(gate, ACTIVATION)
 
 
 @triton.jit
@@ -383,7 +386,7 @@ def _linear_bwd_dx_kernel(
     NEED_DB: tl.constexpr,          # programs of the first K tile also write partial bias sums
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,    # dx tile [BLOCK_M, BLOCK_K]
-    BLOCK_N: tl.constexpr,          # step of the reduction over N
+    BLOCK_N: tl.constexpr,          # step of the reduction over N (GATED: see STEP below)
     GROUP: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -391,20 +394,44 @@ def _linear_bwd_dx_kernel(
     pid_m, pid_k = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # [BM] rows of dx
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)   # [BK] columns of dx
-    offs_n = tl.arange(0, BLOCK_N)
     scale = _dropout_scale(scale_hi, scale_lo, ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
-    for start in range(0, N, BLOCK_N):
-        n = start + offs_n
-        g = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, offs_m[:, None],
-                         n[None, :], M, N, seed, dropout_p, scale, ACTIVATION, GATED, HAS_DROPOUT, ACC)  # [BM, BN]
-        if NEED_DB:
-            if pid_k == 0:
-                tl.store(DB + pid_m.to(tl.int64) * stride_dbm + n, tl.sum(g, axis=0), mask=n < N)
-        # masked along K too: with K == 0 the launcher still runs one K tile for the bias sums
-        w = tl.load(W + n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=(n[:, None] < N) & (offs_k[None, :] < K), other=0.0)                     # [BN, BK]
-        acc = _dot_acc(g, w, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+    db_row = DB + pid_m.to(tl.int64) * stride_dbm
+    if GATED:
+        # each step: STEP hidden columns j, the gate's gradient at product columns j and the up
+        # projection's at H + j, each [BM, STEP], against weight rows j and H + j; STEP is
+        # BLOCK_N / 2 (as much g per step as a plain activation) but at least 16, tl.dot's least
+        STEP: tl.constexpr = BLOCK_N // 2 if BLOCK_N >= 32 else BLOCK_N
+        hidden = N // 2
+        offs_j = tl.arange(0, STEP)
+        for start in range(0, hidden, STEP):
+            j = start + offs_j
+            g_gate, g_up = _gated_output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, offs_m[:, None],
+                                              j[None, :], M, hidden, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT,
+                                              ACC)
+            if NEED_DB:
+                if pid_k == 0:
+                    tl.store(db_row + j, tl.sum(g_gate, axis=0), mask=j < hidden)
+                    tl.store(db_row + hidden + j, tl.sum(g_up, axis=0), mask=j < hidden)
+            rows_valid = (j[:, None] < hidden) & (offs_k[None, :] < K)
+            w_gate = tl.load(W + j[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=rows_valid, other=0.0)
+            w_up = tl.load(W + (hidden + j[:, None]) * stride_wn + offs_k[None, :] * stride_wk, mask=rows_valid,
+                           other=0.0)                                                             # [STEP, BK]
+            acc = _dot_acc(g_gate, w_gate, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+            acc = _dot_acc(g_up, w_up, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+        for start in range(0, N, BLOCK_N):
+            n = start + offs_n
+            g = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, offs_m[:, None],
+                             n[None, :], M, N, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT, ACC)  # [BM, BN]
+            if NEED_DB:
+                if pid_k == 0:
+                    tl.store(db_row + n, tl.sum(g, axis=0), mask=n < N)
+            # masked along K too: with K == 0 the launcher still runs one K tile for the bias sums
+            w = tl.load(W + n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=(n[:, None] < N) & (offs_k[None, :] < K), other=0.0)                 # [BN, BK]
+            acc = _dot_acc(g, w, acc, DOT_DTYPE, DOT_PRECISION, ACC)
     inside = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :], _rounded(acc, DX.dtype.element_ty, INTERPRET),
              mask=inside)
@@ -428,26 +455,50 @@ def _linear_bwd_dw_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
+    # GATED: a tile's BLOCK_N rows of dW are BLOCK_N / 2 gate rows j and the up rows H + j
+    # (tiles across N number cdiv(N, BLOCK_N) = cdiv(H, BLOCK_N / 2) either way)
     pid_n, pid_k = _tile_coords(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN] rows of dW
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)   # [BK] columns of dW
     offs_m = tl.arange(0, BLOCK_M)
     cols_k = offs_k % K
     scale = _dropout_scale(scale_hi, scale_lo, ACC)
     first = split * rows_per_split
     end = tl.minimum(first + rows_per_split, M)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
-    for start in range(first, end, BLOCK_M):
-        m = start + offs_m
-        # g^T tile [BN, BM]: rows n, columns m (zero for m >= end, so splits do not overlap)
-        g_t = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m[None, :],
-                           offs_n[:, None], end, N, seed, dropout_p, scale, ACTIVATION, GATED, HAS_DROPOUT, ACC)
-        x = tl.load(X + m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m[:, None] < end,
-                    other=0.0)                                                                    # [BM, BK]
-        acc = _dot_acc(g_t, x, acc, DOT_DTYPE, DOT_PRECISION, ACC)
-    inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    tl.store(DW + split * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :],
-             _rounded(acc, DW.dtype.element_ty, INTERPRET), mask=inside)
+    dw_split = DW + split * stride_dws
+    if GATED:
+        hidden = N // 2
+        offs_j = pid_n.to(tl.int64) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)   # [BN / 2] hidden columns
+        acc_gate = tl.zeros((BLOCK_N // 2, BLOCK_K), dtype=ACC)
+        acc_up = tl.zeros((BLOCK_N // 2, BLOCK_K), dtype=ACC)
+        for start in range(first, end, BLOCK_M):
+            m = start + offs_m
+            # g^T tiles [BN / 2, BM] of the gate's and the up rows (zero for m >= end)
+            g_gate_t, g_up_t = _gated_output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m[None, :],
+                                                  offs_j[:, None], end, hidden, seed, dropout_p, scale, ACTIVATION,
+                                                  HAS_DROPOUT, ACC)
+            x = tl.load(X + m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m[:, None] < end,
+                        other=0.0)                                                                # [BM, BK]
+            acc_gate = _dot_acc(g_gate_t, x, acc_gate, DOT_DTYPE, DOT_PRECISION, ACC)
+            acc_up = _dot_acc(g_up_t, x, acc_up, DOT_DTYPE, DOT_PRECISION, ACC)
+        inside = (offs_j[:, None] < hidden) & (offs_k[None, :] < K)
+        tl.store(dw_split + offs_j[:, None] * stride_dwn + offs_k[None, :],
+                 _rounded(acc_gate, DW.dtype.element_ty, INTERPRET), mask=inside)
+        tl.store(dw_split + (hidden + offs_j[:, None]) * stride_dwn + offs_k[None, :],
+                 _rounded(acc_up, DW.dtype.element_ty, INTERPRET), mask=inside)
+    else:
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN] rows of dW
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+        for start in range(first, end, BLOCK_M):
+            m = start + offs_m
+            # g^T tile [BN, BM]: rows n, columns m (zero for m >= end, so splits do not overlap)
+            g_t = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m[None, :],
+                               offs_n[:, None], end, N, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT, ACC)
+            x = tl.load(X + m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m[:, None] < end,
+                        other=0.0)                                                                # [BM, BK]
+            acc = _dot_acc(g_t, x, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+        inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        tl.store(dw_split + offs_n[:, None] * stride_dwn + offs_k[None, :],
+                 _rounded(acc, DW.dtype.element_ty, INTERPRET), mask=inside)
 
 
 @triton.jit
