@@ -227,6 +227,18 @@ def _split_columns(x, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
+def _stack_columns(left, right, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] left and right -> [ROWS, 2 * COLS], left's columns first (_split_columns' inverse)."""
+    return tl.reshape(tl.permute(tl.join(left, right), (0, 2, 1)), (ROWS, 2 * COLS))
+
+
+@triton.jit
+def _stack_rows(top, bottom, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] top and bottom -> [2 * ROWS, COLS], top's rows first."""
+    return tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (2 * ROWS, COLS))
+
+
+@triton.jit
 def _epilogue(acc, up, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om, M, N,
               seed, dropout_p, scale_hi, scale_lo,
               ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
@@ -399,11 +411,13 @@ def _linear_bwd_dx_kernel(
     db_row = DB + pid_m.to(tl.int64) * stride_dbm
     if GATED:
         # each step: STEP hidden columns j, the gate's gradient at product columns j and the up
-        # projection's at H + j, each [BM, STEP], against weight rows j and H + j; STEP is
-        # BLOCK_N / 2 (as much g per step as a plain activation) but at least 16, tl.dot's least
+        # projection's at H + j, formed once each ([BM, STEP]) and stacked side by side, against
+        # weight rows j and H + j; STEP is BLOCK_N / 2 (as much g per step as a plain
+        # activation) but at least 16, tl.dot's least
         STEP: tl.constexpr = BLOCK_N // 2 if BLOCK_N >= 32 else BLOCK_N
         hidden = N // 2
         offs_j = tl.arange(0, STEP)
+        offs_pair = tl.arange(0, 2 * STEP)
         for start in range(0, hidden, STEP):
             j = start + offs_j
             g_gate, g_up = _gated_output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, offs_m[:, None],
@@ -413,12 +427,12 @@ def _linear_bwd_dx_kernel(
                 if pid_k == 0:
                     tl.store(db_row + j, tl.sum(g_gate, axis=0), mask=j < hidden)
                     tl.store(db_row + hidden + j, tl.sum(g_up, axis=0), mask=j < hidden)
-            rows_valid = (j[:, None] < hidden) & (offs_k[None, :] < K)
-            w_gate = tl.load(W + j[:, None] * stride_wn + offs_k[None, :] * stride_wk, mask=rows_valid, other=0.0)
-            w_up = tl.load(W + (hidden + j[:, None]) * stride_wn + offs_k[None, :] * stride_wk, mask=rows_valid,
-                           other=0.0)                                                             # [STEP, BK]
-            acc = _dot_acc(g_gate, w_gate, acc, DOT_DTYPE, DOT_PRECISION, ACC)
-            acc = _dot_acc(g_up, w_up, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+            g = _stack_columns(g_gate, g_up, BLOCK_M, STEP)                                      # [BM, 2 STEP]
+            pair_cols = start + offs_pair % STEP                        # hidden column of each stacked row
+            rows = pair_cols + tl.where(offs_pair >= STEP, hidden, 0)   # its weight row (gate, then up)
+            w = tl.load(W + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=(pair_cols[:, None] < hidden) & (offs_k[None, :] < K), other=0.0)    # [2 STEP, BK]
+            acc = _dot_acc(g, w, acc, DOT_DTYPE, DOT_PRECISION, ACC)
     else:
         offs_n = tl.arange(0, BLOCK_N)
         for start in range(0, N, BLOCK_N):
@@ -467,24 +481,24 @@ def _linear_bwd_dw_kernel(
     dw_split = DW + split * stride_dws
     if GATED:
         hidden = N // 2
-        offs_j = pid_n.to(tl.int64) * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)   # [BN / 2] hidden columns
-        acc_gate = tl.zeros((BLOCK_N // 2, BLOCK_K), dtype=ACC)
-        acc_up = tl.zeros((BLOCK_N // 2, BLOCK_K), dtype=ACC)
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_j = pid_n.to(tl.int64) * HALF + tl.arange(0, HALF)        # [BN / 2] hidden columns
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
         for start in range(first, end, BLOCK_M):
             m = start + offs_m
-            # g^T tiles [BN / 2, BM] of the gate's and the up rows (zero for m >= end)
+            # g^T tiles [BN / 2, BM] of the gate's and the up rows (zero for m >= end), stacked
             g_gate_t, g_up_t = _gated_output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m[None, :],
                                                   offs_j[:, None], end, hidden, seed, dropout_p, scale, ACTIVATION,
                                                   HAS_DROPOUT, ACC)
             x = tl.load(X + m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m[:, None] < end,
                         other=0.0)                                                                # [BM, BK]
-            acc_gate = _dot_acc(g_gate_t, x, acc_gate, DOT_DTYPE, DOT_PRECISION, ACC)
-            acc_up = _dot_acc(g_up_t, x, acc_up, DOT_DTYPE, DOT_PRECISION, ACC)
-        inside = (offs_j[:, None] < hidden) & (offs_k[None, :] < K)
-        tl.store(dw_split + offs_j[:, None] * stride_dwn + offs_k[None, :],
-                 _rounded(acc_gate, DW.dtype.element_ty, INTERPRET), mask=inside)
-        tl.store(dw_split + (hidden + offs_j[:, None]) * stride_dwn + offs_k[None, :],
-                 _rounded(acc_up, DW.dtype.element_ty, INTERPRET), mask=inside)
+            acc = _dot_acc(_stack_rows(g_gate_t, g_up_t, HALF, BLOCK_M), x, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+        r = tl.arange(0, BLOCK_N)
+        pair_cols = pid_n.to(tl.int64) * HALF + r % HALF                # hidden column of each dW row of the tile
+        rows = pair_cols + tl.where(r >= HALF, hidden, 0)               # the row of dW: gate, then up
+        inside = (pair_cols[:, None] < hidden) & (offs_k[None, :] < K)
+        tl.store(dw_split + rows[:, None] * stride_dwn + offs_k[None, :],
+                 _rounded(acc, DW.dtype.element_ty, INTERPRET), mask=inside)
     else:
         offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN] rows of dW
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
