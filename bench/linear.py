@@ -1,5 +1,5 @@
 """Benchmarks of the fused feed-forward pieces: linear with GeLU in the epilogue, the whole FFN
-block, and GeLU alone; forward and forward+backward, fp32 and bf16; every engine backend against
+block, the Llama-style SwiGLU FFN block, and GeLU alone; forward and forward+backward, fp32 and bf16; every engine backend against
 eager PyTorch and torch.compile, with the bare matrix product of the same shape and dtype for scale.
 bf16 products run at M = 1024 only: on a CPU without bf16 dot-product instructions (AVX2, or
 AVX-512 without avx512_bf16) torch's bf16 GEMM is ~8x slower than its fp32 GEMM (x [4096, 768] @
@@ -7,7 +7,7 @@ W^T [768, 3072]: ~1.05 s against ~0.13 s on the 2-core AVX2 VM), and M = 4096 wo
 
 FLOPs: a product [M, K] x [K, N] is 2*M*N*K; forward+backward of a linear layer is 3x its
 forward (dX and dW are one product each). The FFN block is two products, [M, d] x [d, d_ff] and
-[M, d_ff] x [d_ff, d]. GeLU moves 2*numel*s bytes forward (read x, write y) and 3*numel*s in
+[M, d_ff] x [d_ff, d]; the SwiGLU block's first product is 2 * d_ff wide (gate and up). GeLU moves 2*numel*s bytes forward (read x, write y) and 3*numel*s in
 backward (read dy, x, write dx).
 """
 import torch
@@ -19,6 +19,7 @@ from engine import reference
 
 M, D_MODEL, D_FF = 4096, 768, 3072
 QUICK_M = 1024
+SWIGLU_FF = 2048   # Llama's hidden width is ~8/3 d_model: w1 [2 * 2048, 768] holds gate and up
 
 
 def _params(m, dtype, device, grad):
@@ -104,6 +105,55 @@ def _ffn_cases(m, dtype, device, backends, with_compile):
                sweep={"rows": m})
 
 
+def _torch_swiglu_ffn(x, w1, w2):
+    gate, up = F.linear(x, w1).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def _swiglu_params(m, dtype, device, grad):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(m, D_MODEL, generator=g).to(device, dtype).requires_grad_(grad)
+    w1 = (torch.randn(2 * SWIGLU_FF, D_MODEL, generator=g) * D_MODEL ** -0.5).to(device, dtype).requires_grad_(grad)
+    w2 = (torch.randn(D_MODEL, SWIGLU_FF, generator=g) * SWIGLU_FF ** -0.5).to(device, dtype).requires_grad_(grad)
+    return x, w1, w2
+
+
+def _swiglu_ffn_cases(m, dtype, device, backends, with_compile):
+    """feed_forward(..., "swiglu") without biases (Llama's MLP) against the same block in torch."""
+    x, w1, w2 = _swiglu_params(m, dtype, device, False)
+    impls = {f"engine:{be}": (lambda be=be: EF.feed_forward(x, w1, None, w2, None, "swiglu", backend=be))
+             for be in backends}
+    impls["torch eager"] = lambda: _torch_swiglu_ffn(x, w1, w2)
+    if with_compile:
+        compiled_forward = compiled(_torch_swiglu_ffn)
+        impls["torch.compile"] = lambda: compiled_forward(x, w1, w2)
+    expected = lambda: _torch_swiglu_ffn(x.double(), w1.double(), w2.double())  # noqa: E731
+    flops = 2 * m * D_MODEL * (2 * SWIGLU_FF) + 2 * m * SWIGLU_FF * D_MODEL
+    shape = f"{m}x{D_MODEL}x{SWIGLU_FF}"
+    yield Case("swiglu_feed_forward", "fwd", shape, dtype, impls, expected, flops=flops, sweep={"rows": m})
+
+    grad_params = _swiglu_params(m, dtype, device, True)
+    dy = torch.randn(m, D_MODEL, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+
+    def step(call):  # forward + backward; returns dx
+        return torch.autograd.grad(call(*grad_params), grad_params, dy)[0]
+
+    impls = {f"engine:{be}": (lambda be=be: step(lambda x, w1, w2: EF.feed_forward(x, w1, None, w2, None, "swiglu",
+                                                                                   backend=be)))
+             for be in backends}
+    impls["torch eager"] = lambda: step(_torch_swiglu_ffn)
+    if with_compile:
+        compiled_step = compiled(_torch_swiglu_ffn)
+        impls["torch.compile"] = lambda: step(compiled_step)
+
+    def expected_grad():
+        params64 = [t.detach().double().requires_grad_() for t in grad_params]
+        return torch.autograd.grad(_torch_swiglu_ffn(*params64), params64, dy.double())[0]
+
+    yield Case("swiglu_feed_forward", "fwd+bwd", shape, dtype, impls, expected_grad, flops=3 * flops,
+               sweep={"rows": m})
+
+
 def _gelu_cases(numel, dtype, device, backends, with_compile):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(numel, generator=g).to(device, dtype)
@@ -143,6 +193,7 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
         with_compile = not quick and (m == M or dtype == torch.bfloat16)
         yield from _linear_gelu_cases(m, dtype, device, linear_backends, with_compile)
         yield from _ffn_cases(m, dtype, device, linear_backends, with_compile)
+        yield from _swiglu_ffn_cases(m, dtype, device, linear_backends, with_compile)
     gelu_backends = implemented("gelu", backends)
     for dtype in [torch.float32] if quick else [torch.float32, torch.bfloat16]:
         for numel in [2**22] if quick else [2**20, 2**22, 2**24]:
@@ -150,7 +201,7 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
 
 
 def targets(rows, ceilings) -> list[str]:
-    lines = parity_lines(rows, ("linear_gelu", "feed_forward", "gelu"))
+    lines = parity_lines(rows, ("linear_gelu", "feed_forward", "swiglu_feed_forward", "gelu"))
     pick = {(r.op, r.direction, r.shape, r.dtype, r.implementation): r for r in rows}
     for (op, direction, shape, dtype, name), fused in pick.items():
         if name != "engine:cpu":

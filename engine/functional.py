@@ -217,7 +217,9 @@ def _attention_mask(attn_mask, q: Tensor, shape: tuple, without_heads: bool) -> 
 # ---------------------------------------------------------------------------------------------
 # GeLU, linear layers, the feed-forward block
 
-_ACTIVATIONS = {None: "none", "none": "none", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu"}
+# The activation names of linear and feed_forward (None: none); the gated ones halve the width
+# (engine/reference.py GATED_ACTIVATIONS).
+ACTIVATION_NAMES = (None, *reference.ACTIVATIONS, *reference.GATED_ACTIVATIONS)
 
 
 def gelu(input: Tensor, approximate: str = "none", *, backend: Optional[str] = None) -> Tensor:
@@ -233,8 +235,14 @@ def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activat
            backend: Optional[str] = None) -> Tensor:
     """activation(input @ weight^T + bias), with bias and activation fused into the matrix
     product's epilogue. input [..., in], weight [out, in] (torch.nn.Linear's layout), bias [out];
-    activation None, "gelu", "gelu_tanh" or "relu". With activation=None it is
-    torch.nn.functional.linear."""
+    activation None, "gelu", "gelu_tanh", "relu" or "silu". With activation=None it is
+    torch.nn.functional.linear.
+
+    Gated activations "swiglu" (silu gate), "geglu" (erf gelu gate) and "geglu_tanh" take one
+    weight [2 * hidden, in] holding the gate projection's rows first, then the up projection's,
+    and bias [2 * hidden] likewise; the result [..., hidden] is act(input W_gate^T + b_gate) *
+    (input W_up^T + b_up), from one product 2 * hidden wide whose epilogue combines the halves.
+    transformers' Llama MLP loads as weight = torch.cat([gate_proj.weight, up_proj.weight])."""
     x, w, b, act = _check_linear("input", input, "weight", weight, "bias", bias, activation)
     return _run_linear(x, w, b, act, 0.0, None, backend)
 
@@ -246,20 +254,25 @@ def feed_forward(input: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2
     products whose epilogues carry the bias, the activation, the dropout and the residual add.
     input [..., d_model], w1 [d_ff, d_model], b1 [d_ff], w2 [d_model, d_ff], b2 [d_model],
     residual like input. Dropout (on the hidden activation) is applied whenever dropout_p > 0, as
-    in torch.nn.functional.dropout(training=True)."""
+    in torch.nn.functional.dropout(training=True). A gated activation ("swiglu", "geglu",
+    "geglu_tanh"; see linear) takes w1 [2 * d_ff, d_model] (gate rows, then up rows) and b1
+    [2 * d_ff]: Llama's MLP is feed_forward(x, torch.cat([gate_proj.weight, up_proj.weight]), None,
+    down_proj.weight, None, "swiglu")."""
     x, w1, b1, act = _check_linear("input", input, "w1", w1, "b1", b1, activation)
     _validate.rank("w2", _validate.tensor("w2", w2), (2,))
-    if w2.shape[1] != w1.shape[0]:
-        raise ValueError(f"w2 takes {w2.shape[1]} hidden features but w1 makes {w1.shape[0]} (w1 [d_ff, d_model] "
-                         f"has shape {tuple(w1.shape)}, w2 [d_model, d_ff] has shape {tuple(w2.shape)})")
-    _, w2, b2, _ = _check_linear("hidden", x.new_empty(0, w1.shape[0]), "w2", w2, "b2", b2, None)
+    hidden = reference.output_width(act, w1.shape[0])
+    if w2.shape[1] != hidden:
+        raise ValueError(f"w2 takes {w2.shape[1]} hidden features but w1 makes {hidden} (w1 "
+                         f"{'[2 * d_ff, d_model]' if hidden != w1.shape[0] else '[d_ff, d_model]'} has shape "
+                         f"{tuple(w1.shape)}, w2 [d_model, d_ff] has shape {tuple(w2.shape)})")
+    _, w2, b2, _ = _check_linear("hidden", x.new_empty(0, hidden), "w2", w2, "b2", b2, None)
     dropout_p = _validate.number("dropout_p", dropout_p, low=0.0, high=1.0, include_high=False)
     if residual is not None:
         _validate.tensor("residual", residual)
         _validate.same_dtypes_and_device("input", x, residual=residual)
         _validate.shape("residual", residual, (*x.shape[:-1], w2.shape[0]))
-    hidden = _run_linear(x, w1, b1, act, dropout_p, None, backend)
-    return _run_linear(hidden, w2, b2, "none", 0.0, residual, backend)
+    hidden_values = _run_linear(x, w1, b1, act, dropout_p, None, backend)
+    return _run_linear(hidden_values, w2, b2, "none", 0.0, residual, backend)
 
 
 def _check_linear(input_name, input, weight_name, weight, bias_name, bias, activation):
@@ -274,17 +287,21 @@ def _check_linear(input_name, input, weight_name, weight, bias_name, bias, activ
     b = _validate.optional_tensor(bias_name, bias)
     _validate.shape(bias_name, b, (w.shape[0],))
     _validate.same_dtypes_and_device(input_name, x, **{weight_name: w, bias_name: b})
-    if activation not in _ACTIVATIONS:
-        raise ValueError(f"activation must be one of None, 'gelu', 'gelu_tanh', 'relu', got {activation!r}")
-    return x, w, b, _ACTIVATIONS[activation]
+    if activation not in ACTIVATION_NAMES:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATION_NAMES))}, got {activation!r}")
+    if activation in reference.GATED_ACTIVATIONS and w.shape[0] % 2:
+        raise ValueError(f"{weight_name} of the gated activation {activation!r} must have an even number of rows "
+                         f"(gate rows, then as many up rows), got shape {tuple(w.shape)}")
+    return x, w, b, activation or "none"
 
 
 def _run_linear(x, w, b, activation, dropout_p, residual, backend):
     if x.numel() == 0 or w.numel() == 0:  # nothing to multiply: the plain torch math answers
         m = math.prod(x.shape[:-1])
+        width = reference.output_width(activation, w.shape[0])
         out, _ = reference.linear(x.reshape(m, w.shape[1]), w, b, activation, residual=(
-            residual.reshape(m, w.shape[0]) if residual is not None else None))
-        return out.view(*x.shape[:-1], w.shape[0])
+            residual.reshape(m, width) if residual is not None else None))
+        return out.view(*x.shape[:-1], width)
     out, _ = ops.linear.linear(x, w, b, activation, dropout_p, residual, backend)
     return out
 

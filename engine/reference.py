@@ -277,7 +277,16 @@ def attention_with_kv_cache(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_s
 # ---------------------------------------------------------------------------------------------
 # GeLU, linear layers with fused epilogues
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
+# Gated activations and the activation of their gate. A gated linear layer's weight [2 * H, K]
+# holds the gate's rows first, then the up projection's: its product pre [M, 2 * H] splits into
+# gate = pre[:, :H] and up = pre[:, H:], and out = act(gate) * up [M, H] (SwiGLU, GeGLU).
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+
+
+def output_width(activation: str, width: int) -> int:
+    """Columns of a linear layer's output for a product `width` wide: half of it when gated."""
+    return width // 2 if activation in GATED_ACTIVATIONS else width
 
 
 def rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], interleaved: bool,
@@ -313,13 +322,16 @@ def rotary(x: Tensor, cos: Tensor, sin: Tensor, offsets: Optional[Tensor], inter
 
 
 def activate(x: Tensor, activation: str) -> Tensor:
-    """gelu: x * Phi(x) (erf form); gelu_tanh: torch's approximate="tanh" form; relu; none."""
+    """gelu: x * Phi(x) (erf form); gelu_tanh: torch's approximate="tanh" form; relu;
+    silu: x * sigmoid(x); none."""
     if activation == "gelu":
         return 0.5 * x * (1.0 + torch.erf(x * (1.0 / math.sqrt(2.0))))
     if activation == "gelu_tanh":
         return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
     if activation == "relu":
         return torch.clamp_min(x, 0.0)
+    if activation == "silu":
+        return x * torch.sigmoid(x)
     return x
 
 
@@ -337,20 +349,42 @@ def activation_grad(pre: Tensor, activation: str) -> Tensor:
         return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * a * x * x)
     if activation == "relu":
         return (pre > 0).to(pre.dtype)
+    if activation == "silu":  # s + x s (1 - s), s = sigmoid(x)
+        s = torch.sigmoid(pre)
+        return s * (1.0 + pre * torch.sigmoid(-pre))
     return torch.ones_like(pre)
+
+
+def gated_activate(pre: Tensor, activation: str) -> Tensor:
+    """act(x) of ACTIVATIONS on pre [..., N], or for GATED_ACTIVATIONS act(gate) * up [..., N / 2]."""
+    if activation not in GATED_ACTIVATIONS:
+        return activate(pre, activation)
+    gate, up = pre.chunk(2, dim=-1)
+    return activate(gate, GATED_ACTIVATIONS[activation]) * up
+
+
+def activation_backward(grad: Tensor, pre: Tensor, activation: str) -> Tensor:
+    """The gradient of pre [..., N] from the gradient of gated_activate(pre): grad [..., N], or for
+    a gated activation grad [..., N / 2] and d pre = [grad * up * act'(gate), grad * act(gate)]."""
+    if activation not in GATED_ACTIVATIONS:
+        return grad * activation_grad(pre, activation)
+    gate, up = pre.chunk(2, dim=-1)
+    act = GATED_ACTIVATIONS[activation]
+    return torch.cat([grad * up * activation_grad(gate, act), grad * activate(gate, act)], dim=-1)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float = 0.0,
            dropout_keep: Optional[Tensor] = None, residual: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """out = dropout(activation(x @ weight^T + bias)) + residual, the epilogue order of every
-    linear kernel. x [M, K], weight [N, K] (torch.nn.Linear's layout), bias [N], residual [M, N],
-    dropout_keep bool [M, N]. Returns (out [M, N] in x's dtype, pre-activation [M, N] in the
+    linear kernel. x [M, K], weight [N, K] (torch.nn.Linear's layout), bias [N]; the output is
+    [M, H] with H = N, or N / 2 for a gated activation (gated_activate); residual [M, H],
+    dropout_keep bool [M, H]. Returns (out [M, H] in x's dtype, pre-activation [M, N] in the
     accumulator dtype)."""
     acc = accumulator_dtype(x.dtype)
     pre = x.to(acc) @ weight.to(acc).t()
     if bias is not None:
         pre = pre + bias.to(acc)
-    out = activate(pre, activation)
+    out = gated_activate(pre, activation)
     if dropout_keep is not None:
         out = out * dropout_keep / (1.0 - dropout_p)
     if residual is not None:

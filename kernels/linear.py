@@ -42,8 +42,9 @@ import triton.language as tl
 
 from engine.kernels.common import INTERPRET, TORCH_TO_TL, GpuCompileCase
 from engine.ops.common import dtype_reason
+from engine.reference import GATED_ACTIVATIONS
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "relu", "silu")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TL = {**TORCH_TO_TL, torch.float64: tl.float64}
 
@@ -94,6 +95,17 @@ def _gelu_tanh_parts(x):
 
 
 @triton.jit
+def _sigmoid_pair(x):
+    """(s, 1 - s) with s = sigmoid(x), from e = exp(-|x|) in (0, 1]: one is 1 / (1 + e), the other
+    e / (1 + e); no overflow, and 1 - s without cancellation for x > 0."""
+    negative = x < 0.0
+    e = tl.exp(tl.where(negative, x, -x))
+    larger = 1.0 / (1.0 + e)
+    smaller = e * larger
+    return tl.where(negative, smaller, larger), tl.where(negative, larger, smaller)
+
+
+@triton.jit
 def _activate(x, ACTIVATION: tl.constexpr):
     """act(x) elementwise in x's (fp32 or fp64) dtype; formulas as engine/reference.py activate."""
     if ACTIVATION == "gelu":
@@ -103,6 +115,9 @@ def _activate(x, ACTIVATION: tl.constexpr):
         return x * s
     elif ACTIVATION == "relu":
         return tl.where(x < 0.0, 0.0, x)  # NaN is not < 0: it propagates, as torch's relu (tl.maximum drops it)
+    elif ACTIVATION == "silu":
+        s, _ = _sigmoid_pair(x)
+        return x * s
     else:
         return x
 
@@ -125,6 +140,9 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
         return s + x * gate_slope * (2.0 * 0.7978845608028654) * (1.0 + 0.134145 * tl.minimum(x * x, 1e4))
     elif ACTIVATION == "relu":
         return tl.where(x > 0, 1.0, 0.0)
+    elif ACTIVATION == "silu":  # s (1 + x (1 - s))
+        s, one_minus_s = _sigmoid_pair(x)
+        return s * (1.0 + x * one_minus_s)
     else:
         return tl.full(x.shape, 1.0, x.dtype)
 
@@ -186,29 +204,69 @@ def _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m, n, M,
 
 
 @triton.jit
+def _gated_output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m, j, M, H,
+                       seed, dropout_p, scale,
+                       ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr, ACC: tl.constexpr):
+    """The gated form of _output_grad for output elements [m, j] (the product is [M, 2H] =
+    [gate | up], grad_out [M, H]): with g_out = grad_out * keep * scale, returns the gate's
+    g_out * up * act'(gate) (columns j of the product's gradient) and the up projection's
+    g_out * act(gate) (columns H + j); 0 outside [0, M) x [0, H]."""
+    valid = (m < M) & (j < H)
+    g = tl.load(DO + m * stride_dom + j * stride_don, mask=valid, other=0.0).to(ACC)
+    if HAS_DROPOUT:
+        g = tl.where(_dropout_keep(seed, m, j, dropout_p), g * scale, 0.0)
+    gate = tl.load(PRE + m * stride_pm + j * stride_pn, mask=valid, other=0.0).to(ACC)
+    up = tl.load(PRE + m * stride_pm + (H + j) * stride_pn, mask=valid, other=0.0).to(ACC)
+    return g * up * _activation_grad(gate, ACTIVATION), g * _activate(gate, ACTIVATION)
+
+
+@triton.jit
 def _split_columns(x, ROWS: tl.constexpr, COLS: tl.constexpr):
     """[ROWS, COLS] -> its left and right [ROWS, COLS / 2] halves."""
     return tl.split(tl.permute(tl.reshape(x, (ROWS, 2, COLS // 2)), (0, 2, 1)))
 
 
 @triton.jit
-def _epilogue(acc, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om, M, N,
+def _stack_columns(left, right, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] left and right -> [ROWS, 2 * COLS], left's columns first (_split_columns' inverse)."""
+    return tl.reshape(tl.permute(tl.join(left, right), (0, 2, 1)), (ROWS, 2 * COLS))
+
+
+@triton.jit
+def _stack_rows(top, bottom, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """[ROWS, COLS] top and bottom -> [2 * ROWS, COLS], top's rows first."""
+    return tl.reshape(tl.permute(tl.join(top, bottom), (2, 0, 1)), (2 * ROWS, COLS))
+
+
+@triton.jit
+def _epilogue(acc, up, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om, M, N,
               seed, dropout_p, scale_hi, scale_lo,
-              ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+              ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
               HAS_DROPOUT: tl.constexpr, STORE_PRE: tl.constexpr, STORE_MASK: tl.constexpr, ACC: tl.constexpr,
               WIDTH: tl.constexpr, INTERPRET: tl.constexpr):
     """The forward's epilogue on an accumulator slice acc [BM, WIDTH] of rows offs_m [BM] (int64)
-    and columns first_col + [0, WIDTH): + bias, store pre-activation, activation, dropout (store
-    mask), + residual, store out."""
+    and output columns first_col + [0, WIDTH): + bias, store pre-activation, activation, dropout
+    (store mask), + residual, store out. GATED: acc is the gate's slice and up [BM, WIDTH] the up
+    projection's at columns N + first_col + [0, WIDTH) of the product (pre [M, 2N], row stride
+    2 * stride_om), and the activation is act(gate) * up; else `up` is not read."""
     offs_n = first_col + tl.arange(0, WIDTH)
     m2 = offs_m[:, None]
     n2 = offs_n[None, :]
     inside = (m2 < M) & (n2 < N)
     if HAS_BIAS:
         acc += tl.load(B + offs_n * stride_b, mask=offs_n < N, other=0.0).to(ACC)[None, :]
+        if GATED:
+            up += tl.load(B + (N + offs_n) * stride_b, mask=offs_n < N, other=0.0).to(ACC)[None, :]
     if STORE_PRE:
-        tl.store(PRE + m2 * stride_om + n2, _rounded(acc, PRE.dtype.element_ty, INTERPRET), mask=inside)
+        if GATED:
+            tl.store(PRE + m2 * (2 * stride_om) + n2, _rounded(acc, PRE.dtype.element_ty, INTERPRET), mask=inside)
+            tl.store(PRE + m2 * (2 * stride_om) + N + n2, _rounded(up, PRE.dtype.element_ty, INTERPRET),
+                     mask=inside)
+        else:
+            tl.store(PRE + m2 * stride_om + n2, _rounded(acc, PRE.dtype.element_ty, INTERPRET), mask=inside)
     y = _activate(acc, ACTIVATION)
+    if GATED:
+        y = y * up
     if HAS_DROPOUT:
         keep = _dropout_keep(seed, m2, n2, dropout_p)
         y = tl.where(keep, y * _dropout_scale(scale_hi, scale_lo, ACC), 0.0)
@@ -231,12 +289,14 @@ def _linear_fwd_kernel(
     R, stride_rm, stride_rn,        # [M, N] residual, read when HAS_RESIDUAL
     OUT, PRE, KEEP, stride_om,      # [M, N] out, pre-activation (STORE_PRE), uint8 keep mask
                                     # (STORE_MASK): allocated alike by the launcher, row stride
-                                    # stride_om, unit column stride
-    M, N, K,                        # problem size
+                                    # stride_om, unit column stride; GATED: pre [M, 2N], row
+                                    # stride 2 * stride_om
+    M, N, K,                        # problem size; GATED: W is [2N, K], gate rows then up rows
     seed: tl.int64,                 # dropout key (64 bits: low word = k0, high word = k1)
     dropout_p,                      # dropout probability (fp32), used when HAS_DROPOUT
     scale_hi, scale_lo,             # 1 / (1 - p) = scale_hi + scale_lo (two fp32 values)
-    ACTIVATION: tl.constexpr,       # "none", "gelu", "gelu_tanh", "relu"
+    ACTIVATION: tl.constexpr,       # one of ACTIVATIONS (GATED: the gate's)
+    GATED: tl.constexpr,            # out = act(x W_gate^T + b_gate) * (x W_up^T + b_up)
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_PRE: tl.constexpr, STORE_MASK: tl.constexpr,
     DOT_DTYPE: tl.constexpr,        # tl.dot operand dtype: x's on GPU; interpreter: see _dot_dtype
@@ -249,14 +309,21 @@ def _linear_fwd_kernel(
                                     # or dropout (a plain epilogue runs on the whole tile)
 ):
     pid = tl.program_id(0)
-    pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP)
+    # GATED: a tile's BLOCK_N product columns are OUT_COLS gate columns and the OUT_COLS up
+    # columns of the same outputs, so that its epilogue holds both halves of each output.
+    OUT_COLS: tl.constexpr = BLOCK_N // 2 if GATED else BLOCK_N
+    pid_m, pid_n = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, OUT_COLS), GROUP)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # [BM] rows of out
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN] columns of out
     offs_k = tl.arange(0, BLOCK_K)
     # Rows and columns past the edge read (wrapped) valid rows instead of being masked, which
     # keeps the loads unmasked along M/N; their results are never stored.
     rows = offs_m % M
-    cols = offs_n % N
+    if GATED:
+        j = tl.arange(0, BLOCK_N)
+        outputs = (pid_n.to(tl.int64) * OUT_COLS + j % OUT_COLS) % N               # [BN] output columns
+        cols = outputs + tl.where(j >= OUT_COLS, N, 0)                              # [BN] weight rows
+    else:
+        cols = (pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)) % N          # [BN] columns of out
     x_ptrs = X + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk   # [BM, BK]
     w_ptrs = W + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn   # [BK, BN] = W^T tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
@@ -272,36 +339,54 @@ def _linear_fwd_kernel(
     # slices of the tile one after another (EPILOGUE_SPLIT of them), so that the activation and
     # Philox temporaries of only one slice are live at a time (without this the heavy epilogue
     # spills on sm80 at 64 accumulator elements per thread).
-    first_col = pid_n.to(tl.int64) * BLOCK_N
+    first_col = pid_n.to(tl.int64) * OUT_COLS
     SLICES: tl.constexpr = EPILOGUE_SPLIT if (ACTIVATION != "none" or HAS_DROPOUT) else 1
-    if SLICES == 1:
-        _epilogue(acc, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om,
-                  M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, HAS_DROPOUT,
+    half: tl.constexpr = BLOCK_N // 2
+    quarter: tl.constexpr = BLOCK_N // 4
+    if GATED:
+        # the gate's and the up projection's columns of the same outputs, [BM, BN / 2] each, in
+        # SLICES / 2 pairs of slices
+        gate, up = _split_columns(acc, BLOCK_M, BLOCK_N)
+        if SLICES == 1:
+            _epilogue(gate, up, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om,
+                      M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, GATED, HAS_BIAS, HAS_RESIDUAL,
+                      HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, half, INTERPRET)
+        else:
+            tl.static_assert(SLICES == 4, "EPILOGUE_SPLIT is 1 or 4")
+            gate0, gate1 = _split_columns(gate, BLOCK_M, half)
+            up0, up1 = _split_columns(up, BLOCK_M, half)
+            _epilogue(gate0, up0, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
+                      stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, GATED, HAS_BIAS,
+                      HAS_RESIDUAL, HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
+            _epilogue(gate1, up1, offs_m, first_col + quarter, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
+                      stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, GATED, HAS_BIAS,
+                      HAS_RESIDUAL, HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
+    elif SLICES == 1:
+        _epilogue(acc, acc, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om,
+                  M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, GATED, HAS_BIAS, HAS_RESIDUAL, HAS_DROPOUT,
                   STORE_PRE, STORE_MASK, ACC, BLOCK_N, INTERPRET)
     else:
         tl.static_assert(SLICES == 4, "EPILOGUE_SPLIT is 1 or 4")
-        half: tl.constexpr = BLOCK_N // 2
-        quarter: tl.constexpr = BLOCK_N // 4
         left, right = _split_columns(acc, BLOCK_M, BLOCK_N)
         q0, q1 = _split_columns(left, BLOCK_M, half)
-        _epilogue(q0, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om,
-                  M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, HAS_DROPOUT,
+        _epilogue(q0, q0, offs_m, first_col, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP, stride_om,
+                  M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, GATED, HAS_BIAS, HAS_RESIDUAL, HAS_DROPOUT,
                   STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
-        _epilogue(q1, offs_m, first_col + quarter, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
-                  stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+        _epilogue(q1, q1, offs_m, first_col + quarter, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
+                  stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, GATED, HAS_BIAS, HAS_RESIDUAL,
                   HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
         q2, q3 = _split_columns(right, BLOCK_M, half)
-        _epilogue(q2, offs_m, first_col + half, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
-                  stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+        _epilogue(q2, q2, offs_m, first_col + half, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
+                  stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, GATED, HAS_BIAS, HAS_RESIDUAL,
                   HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
-        _epilogue(q3, offs_m, first_col + half + quarter, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
-                  stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, HAS_BIAS, HAS_RESIDUAL,
+        _epilogue(q3, q3, offs_m, first_col + half + quarter, B, stride_b, R, stride_rm, stride_rn, OUT, PRE, KEEP,
+                  stride_om, M, N, seed, dropout_p, scale_hi, scale_lo, ACTIVATION, GATED, HAS_BIAS, HAS_RESIDUAL,
                   HAS_DROPOUT, STORE_PRE, STORE_MASK, ACC, quarter, INTERPRET)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _linear_bwd_dx_kernel(
-    DO, stride_dom, stride_don,     # [M, N] gradient of out
+    DO, stride_dom, stride_don,     # [M, N] gradient of out ([M, N / 2] when GATED)
     PRE, stride_pm, stride_pn,      # [M, N] saved pre-activation, read when ACTIVATION != "none"
     W, stride_wn, stride_wk,        # [N, K] weight
     DX, stride_dxm,                 # [M, K] output: gradient of x, unit column stride
@@ -309,11 +394,11 @@ def _linear_bwd_dx_kernel(
                                     # row i = sum of g over rows [i*BLOCK_M, (i+1)*BLOCK_M)
     M, N, K,
     seed: tl.int64, dropout_p, scale_hi, scale_lo,   # the forward's dropout (see the forward)
-    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_DROPOUT: tl.constexpr,   # N: the product's width
     NEED_DB: tl.constexpr,          # programs of the first K tile also write partial bias sums
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,    # dx tile [BLOCK_M, BLOCK_K]
-    BLOCK_N: tl.constexpr,          # step of the reduction over N
+    BLOCK_N: tl.constexpr,          # step of the reduction over N (GATED: see STEP below)
     GROUP: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -321,20 +406,46 @@ def _linear_bwd_dx_kernel(
     pid_m, pid_k = _tile_coords(pid, tl.cdiv(M, BLOCK_M), tl.maximum(tl.cdiv(K, BLOCK_K), 1), GROUP)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)   # [BM] rows of dx
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)   # [BK] columns of dx
-    offs_n = tl.arange(0, BLOCK_N)
     scale = _dropout_scale(scale_hi, scale_lo, ACC)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC)
-    for start in range(0, N, BLOCK_N):
-        n = start + offs_n
-        g = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, offs_m[:, None],
-                         n[None, :], M, N, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT, ACC)  # [BM, BN]
-        if NEED_DB:
-            if pid_k == 0:
-                tl.store(DB + pid_m.to(tl.int64) * stride_dbm + n, tl.sum(g, axis=0), mask=n < N)
-        # masked along K too: with K == 0 the launcher still runs one K tile for the bias sums
-        w = tl.load(W + n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=(n[:, None] < N) & (offs_k[None, :] < K), other=0.0)                     # [BN, BK]
-        acc = _dot_acc(g, w, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+    db_row = DB + pid_m.to(tl.int64) * stride_dbm
+    if GATED:
+        # each step: STEP hidden columns j, the gate's gradient at product columns j and the up
+        # projection's at H + j, formed once each ([BM, STEP]) and stacked side by side, against
+        # weight rows j and H + j; STEP is BLOCK_N / 2 (as much g per step as a plain
+        # activation) but at least 16, tl.dot's least
+        STEP: tl.constexpr = BLOCK_N // 2 if BLOCK_N >= 32 else BLOCK_N
+        hidden = N // 2
+        offs_j = tl.arange(0, STEP)
+        offs_pair = tl.arange(0, 2 * STEP)
+        for start in range(0, hidden, STEP):
+            j = start + offs_j
+            g_gate, g_up = _gated_output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, offs_m[:, None],
+                                              j[None, :], M, hidden, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT,
+                                              ACC)
+            if NEED_DB:
+                if pid_k == 0:
+                    tl.store(db_row + j, tl.sum(g_gate, axis=0), mask=j < hidden)
+                    tl.store(db_row + hidden + j, tl.sum(g_up, axis=0), mask=j < hidden)
+            g = _stack_columns(g_gate, g_up, BLOCK_M, STEP)                                      # [BM, 2 STEP]
+            pair_cols = start + offs_pair % STEP                        # hidden column of each stacked row
+            rows = pair_cols + tl.where(offs_pair >= STEP, hidden, 0)   # its weight row (gate, then up)
+            w = tl.load(W + rows[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=(pair_cols[:, None] < hidden) & (offs_k[None, :] < K), other=0.0)    # [2 STEP, BK]
+            acc = _dot_acc(g, w, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+    else:
+        offs_n = tl.arange(0, BLOCK_N)
+        for start in range(0, N, BLOCK_N):
+            n = start + offs_n
+            g = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, offs_m[:, None],
+                             n[None, :], M, N, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT, ACC)  # [BM, BN]
+            if NEED_DB:
+                if pid_k == 0:
+                    tl.store(db_row + n, tl.sum(g, axis=0), mask=n < N)
+            # masked along K too: with K == 0 the launcher still runs one K tile for the bias sums
+            w = tl.load(W + n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=(n[:, None] < N) & (offs_k[None, :] < K), other=0.0)                 # [BN, BK]
+            acc = _dot_acc(g, w, acc, DOT_DTYPE, DOT_PRECISION, ACC)
     inside = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     tl.store(DX + offs_m[:, None] * stride_dxm + offs_k[None, :], _rounded(acc, DX.dtype.element_ty, INTERPRET),
              mask=inside)
@@ -342,7 +453,7 @@ def _linear_bwd_dx_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _linear_bwd_dw_kernel(
-    DO, stride_dom, stride_don,     # [M, N] gradient of out
+    DO, stride_dom, stride_don,     # [M, N] gradient of out ([M, N / 2] when GATED)
     PRE, stride_pm, stride_pn,      # [M, N] saved pre-activation, read when ACTIVATION != "none"
     X, stride_xm, stride_xk,        # [M, K] input
     DW, stride_dws, stride_dwn,     # [S, N, K] output, unit column stride: dW itself (S = 1, in
@@ -350,7 +461,7 @@ def _linear_bwd_dw_kernel(
     M, N, K,
     rows_per_split,                 # split s reduces rows [s * rows_per_split, (s+1) * rows_per_split)
     seed: tl.int64, dropout_p, scale_hi, scale_lo,   # the forward's dropout (see the forward)
-    ACTIVATION: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    ACTIVATION: tl.constexpr, GATED: tl.constexpr, HAS_DROPOUT: tl.constexpr,   # N: the product's width
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC: tl.constexpr, INTERPRET: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,    # dW tile [BLOCK_N, BLOCK_K]
     BLOCK_M: tl.constexpr,          # step of the reduction over M
@@ -358,26 +469,50 @@ def _linear_bwd_dw_kernel(
 ):
     pid = tl.program_id(0)
     split = tl.program_id(1).to(tl.int64)
+    # GATED: a tile's BLOCK_N rows of dW are BLOCK_N / 2 gate rows j and the up rows H + j
+    # (tiles across N number cdiv(N, BLOCK_N) = cdiv(H, BLOCK_N / 2) either way)
     pid_n, pid_k = _tile_coords(pid, tl.cdiv(N, BLOCK_N), tl.cdiv(K, BLOCK_K), GROUP)
-    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN] rows of dW
     offs_k = pid_k.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)   # [BK] columns of dW
     offs_m = tl.arange(0, BLOCK_M)
     cols_k = offs_k % K
     scale = _dropout_scale(scale_hi, scale_lo, ACC)
     first = split * rows_per_split
     end = tl.minimum(first + rows_per_split, M)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
-    for start in range(first, end, BLOCK_M):
-        m = start + offs_m
-        # g^T tile [BN, BM]: rows n, columns m (zero for m >= end, so splits do not overlap)
-        g_t = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m[None, :],
-                           offs_n[:, None], end, N, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT, ACC)
-        x = tl.load(X + m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m[:, None] < end,
-                    other=0.0)                                                                    # [BM, BK]
-        acc = _dot_acc(g_t, x, acc, DOT_DTYPE, DOT_PRECISION, ACC)
-    inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-    tl.store(DW + split * stride_dws + offs_n[:, None] * stride_dwn + offs_k[None, :],
-             _rounded(acc, DW.dtype.element_ty, INTERPRET), mask=inside)
+    dw_split = DW + split * stride_dws
+    if GATED:
+        hidden = N // 2
+        HALF: tl.constexpr = BLOCK_N // 2
+        offs_j = pid_n.to(tl.int64) * HALF + tl.arange(0, HALF)        # [BN / 2] hidden columns
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+        for start in range(first, end, BLOCK_M):
+            m = start + offs_m
+            # g^T tiles [BN / 2, BM] of the gate's and the up rows (zero for m >= end), stacked
+            g_gate_t, g_up_t = _gated_output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m[None, :],
+                                                  offs_j[:, None], end, hidden, seed, dropout_p, scale, ACTIVATION,
+                                                  HAS_DROPOUT, ACC)
+            x = tl.load(X + m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m[:, None] < end,
+                        other=0.0)                                                                # [BM, BK]
+            acc = _dot_acc(_stack_rows(g_gate_t, g_up_t, HALF, BLOCK_M), x, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+        r = tl.arange(0, BLOCK_N)
+        pair_cols = pid_n.to(tl.int64) * HALF + r % HALF                # hidden column of each dW row of the tile
+        rows = pair_cols + tl.where(r >= HALF, hidden, 0)               # the row of dW: gate, then up
+        inside = (pair_cols[:, None] < hidden) & (offs_k[None, :] < K)
+        tl.store(dw_split + rows[:, None] * stride_dwn + offs_k[None, :],
+                 _rounded(acc, DW.dtype.element_ty, INTERPRET), mask=inside)
+    else:
+        offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)   # [BN] rows of dW
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+        for start in range(first, end, BLOCK_M):
+            m = start + offs_m
+            # g^T tile [BN, BM]: rows n, columns m (zero for m >= end, so splits do not overlap)
+            g_t = _output_grad(DO, stride_dom, stride_don, PRE, stride_pm, stride_pn, m[None, :],
+                               offs_n[:, None], end, N, seed, dropout_p, scale, ACTIVATION, HAS_DROPOUT, ACC)
+            x = tl.load(X + m[:, None] * stride_xm + cols_k[None, :] * stride_xk, mask=m[:, None] < end,
+                        other=0.0)                                                                # [BM, BK]
+            acc = _dot_acc(g_t, x, acc, DOT_DTYPE, DOT_PRECISION, ACC)
+        inside = (offs_n[:, None] < N) & (offs_k[None, :] < K)
+        tl.store(dw_split + offs_n[:, None] * stride_dwn + offs_k[None, :],
+                 _rounded(acc, DW.dtype.element_ty, INTERPRET), mask=inside)
 
 
 @triton.jit
@@ -515,15 +650,15 @@ def _prune(kind: str, pointer_name: str, size_names: tuple):
     return prune
 
 
-_EPILOGUE_KEY = ["ACTIVATION", "HAS_BIAS", "HAS_RESIDUAL", "HAS_DROPOUT", "STORE_PRE"]
+_EPILOGUE_KEY = ["ACTIVATION", "GATED", "HAS_BIAS", "HAS_RESIDUAL", "HAS_DROPOUT", "STORE_PRE"]
 _linear_fwd = triton.autotune(
     configs=_configs("fwd"), key=["M", "N", "K"] + _EPILOGUE_KEY,
     prune_configs_by={"early_config_prune": _prune("fwd", "X", ("M", "N"))})(_linear_fwd_kernel)
 _linear_bwd_dx = triton.autotune(
-    configs=_configs("dx"), key=["M", "N", "K", "ACTIVATION", "HAS_DROPOUT", "NEED_DB"],
+    configs=_configs("dx"), key=["M", "N", "K", "ACTIVATION", "GATED", "HAS_DROPOUT", "NEED_DB"],
     prune_configs_by={"early_config_prune": _prune("dx", "W", ("M", "K"))})(_linear_bwd_dx_kernel)
 _linear_bwd_dw = triton.autotune(
-    configs=_configs("dw"), key=["M", "N", "K", "ACTIVATION", "HAS_DROPOUT"],
+    configs=_configs("dw"), key=["M", "N", "K", "ACTIVATION", "GATED", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune("dw", "X", ("N", "K"))})(_linear_bwd_dw_kernel)
 
 
@@ -567,8 +702,8 @@ def supports(args) -> list[str]:
         reasons.append("float64 products are not compiled for GPUs (the reference backend serves them)")
     if weight.dtype != x.dtype:
         reasons.append(f"weight dtype {weight.dtype} differs from input dtype {x.dtype} (tl.dot needs one operand type)")
-    if args.activation not in ACTIVATIONS:
-        reasons.append(f"activation {args.activation!r} is not one of {ACTIVATIONS}")
+    if args.activation not in ACTIVATIONS and args.activation not in GATED_ACTIVATIONS:
+        reasons.append(f"activation {args.activation!r} is not one of {ACTIVATIONS + tuple(GATED_ACTIVATIONS)}")
     if max(x.shape[0], weight.shape[0]) >= 2**31 or weight.shape[1] >= 2**31:
         reasons.append("a dimension >= 2^31 (program ids and dropout counters are 32-bit)")
     return reasons
@@ -587,33 +722,37 @@ def linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
     """out = dropout(act(x @ weight^T + bias)) + residual in one tiled product with a fused epilogue.
 
     x [M, K] (unit column stride, any row stride); weight [N, K] (any strides); bias [N] or None;
-    residual [M, N] or None; activation "none", "gelu", "gelu_tanh", "relu"; dropout_p in [0, 1)
-    with its 64-bit seed. Returns (out [M, N] contiguous in x's dtype, pre-activation
-    x @ W^T + b [M, N] in x's dtype when activation != "none" else None, bool keep mask [M, N]
+    activation one of ACTIVATIONS or GATED_ACTIVATIONS; dropout_p in [0, 1) with its 64-bit
+    seed. The output width H is N, or N / 2 when gated (weight: gate rows, then up rows);
+    residual [M, H] or None. Returns (out [M, H] contiguous in x's dtype, pre-activation
+    x @ W^T + b [M, N] in x's dtype when activation != "none" else None, bool keep mask [M, H]
     when return_dropout_mask and dropout_p > 0 else None)."""
     m, k = x.shape
     n = weight.shape[0]
+    gated = activation in GATED_ACTIVATIONS
+    width = n // 2 if gated else n
     has_dropout = dropout_p > 0
     store_pre = activation != "none"
     store_mask = has_dropout and return_dropout_mask
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    out = torch.empty((m, width), dtype=x.dtype, device=x.device)
     pre = torch.empty((m, n), dtype=x.dtype, device=x.device) if store_pre else None
-    keep = torch.empty((m, n), dtype=torch.uint8, device=x.device) if store_mask else None
+    keep = torch.empty((m, width), dtype=torch.uint8, device=x.device) if store_mask else None
     if m == 0 or n == 0:
         return out, pre, (keep.bool() if keep is not None else None)
     p, scale_hi, scale_lo = _dropout_args(dropout_p if has_dropout else 0.0)
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        out_cols = meta["BLOCK_N"] // 2 if gated else meta["BLOCK_N"]
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(width, out_cols),)
     _linear_fwd[grid](
         x, _stride(x, 0), _stride(x, 1),
         weight, _stride(weight, 0), _stride(weight, 1),
         bias if bias is not None else x, _stride(bias, 0) if bias is not None else 0,
         residual if residual is not None else x,
         _stride(residual, 0) if residual is not None else 0, _stride(residual, 1) if residual is not None else 0,
-        out, pre if pre is not None else out, keep if keep is not None else out, n,
-        m, n, k,
+        out, pre if pre is not None else out, keep if keep is not None else out, width,
+        m, width, k,
         int(seed), p, scale_hi, scale_lo,
-        ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+        ACTIVATION=GATED_ACTIVATIONS.get(activation, activation), GATED=gated, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         HAS_DROPOUT=has_dropout, STORE_PRE=store_pre, STORE_MASK=store_mask,
         DOT_DTYPE=_dot_dtype(x.dtype), DOT_PRECISION="ieee", ACC=_acc(x.dtype), INTERPRET=INTERPRET,
     )
@@ -638,8 +777,8 @@ def linear_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     """Gradients of linear_fwd; g = grad_out * keep / (1 - p) * act'(pre) is formed on each loaded
     tile inside the product kernels (never stored).
 
-    grad_out [M, N] (any strides); x [M, K] (unit column stride); weight [N, K] (any strides);
-    pre_activation [M, N] (needed when activation != "none"). weight_grad_splits: how many row
+    grad_out [M, H] (any strides; H = N, or N / 2 for a gated activation); x [M, K] (unit column
+    stride); weight [N, K] (any strides); pre_activation [M, N] (needed when activation != "none"). weight_grad_splits: how many row
     ranges the dW reduction is split into (default: chosen from the GPU's size; for tests).
     Returns (dx [M, K] contiguous in x's dtype, dweight [N, K] or None, dbias [N] or None, both in
     the weight's dtype); the residual's gradient is grad_out itself."""
@@ -649,10 +788,10 @@ def linear_bwd(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     has_dropout = dropout_p > 0
     p, scale_hi, scale_lo = _dropout_args(dropout_p if has_dropout else 0.0)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    act = activation if activation in ACTIVATIONS else "none"
+    act = GATED_ACTIVATIONS.get(activation, activation)
     pre = pre_activation if act != "none" else grad_out
-    common = dict(ACTIVATION=act, HAS_DROPOUT=has_dropout, DOT_DTYPE=_dot_dtype(x.dtype),
-                  DOT_PRECISION="ieee", ACC=_acc(x.dtype), INTERPRET=INTERPRET)
+    common = dict(ACTIVATION=act, GATED=activation in GATED_ACTIVATIONS, HAS_DROPOUT=has_dropout,
+                  DOT_DTYPE=_dot_dtype(x.dtype), DOT_PRECISION="ieee", ACC=_acc(x.dtype), INTERPRET=INTERPRET)
     if m == 0 or n == 0:
         dx.zero_()
         dweight = torch.zeros_like(weight, memory_format=torch.contiguous_format) if need_weight_grad else None
@@ -742,11 +881,11 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
     """Every configuration the launchers compile on a GPU, at a GPT-2 FFN shape (M=4096, K=768,
     N=3072; real calls with sizes that are multiples of 16 specialize the same way), for fp16,
     bf16 (tensor cores required) and fp32:
-    - forward, each autotune config: the plain epilogue, and the two heaviest (bias + gelu or
-      gelu_tanh + dropout + residual, storing the pre-activation and the mask); at the first
-      config also bias + relu;
-    - backward dx and dW, each config: gelu + dropout and gelu_tanh + dropout (dx also writing the
-      bias partials); at the first config also the plain variant and relu;
+    - forward, each autotune config: the plain epilogue, and the heaviest (bias + gelu, gelu_tanh
+      or swiglu + dropout + residual, storing the pre-activation and the mask); at the first
+      config also bias + relu, bias + silu and bias + geglu_tanh (gated: N / 2 outputs);
+    - backward dx and dW, each config: gelu, gelu_tanh and swiglu + dropout (dx also writing the
+      bias partials); at the first config also the plain variant, relu, silu and geglu;
     - gelu forward/backward, erf and tanh forms (also fp64, which they support on a GPU)."""
     m, k, n = 4096, 768, 3072
     seed, p, scale_hi, scale_lo = 2**40 + 12345, 0.1, 1.1111111, 1e-9
@@ -760,41 +899,49 @@ def gpu_compile_cases() -> list[GpuCompileCase]:
             variants = {  # name: (activation, bias, dropout, residual)
                 "plain": ("none", False, False, False),
                 "bias+gelu+dropout+residual": ("gelu", True, True, True),
-                "bias+gelu_tanh+dropout+residual": ("gelu_tanh", True, True, True)}
+                "bias+gelu_tanh+dropout+residual": ("gelu_tanh", True, True, True),
+                "bias+swiglu+dropout+residual": ("swiglu", True, True, True)}
             if i == 0:
-                variants["bias+relu"] = ("relu", True, False, False)
+                variants.update({"bias+relu": ("relu", True, False, False), "bias+silu": ("silu", True, False, False),
+                                 "bias+geglu_tanh": ("geglu_tanh", True, False, False)})
             for vname, (act, bias, dropout, residual) in variants.items():
+                width = n // 2 if act in GATED_ACTIVATIONS else n
                 cases.append(GpuCompileCase(
                     name=f"linear_fwd {dname} {_tile_name(tile)} {vname}",
                     kernel=_linear_fwd_kernel,
-                    args=(dtype, k, 1, dtype, k, 1, dtype, 1, dtype, n, 1, dtype, dtype, torch.uint8, n,
-                          m, n, k, seed, p, scale_hi, scale_lo),
-                    constexprs=dict(ACTIVATION=act, HAS_BIAS=bias, HAS_RESIDUAL=residual, HAS_DROPOUT=dropout,
+                    args=(dtype, k, 1, dtype, k, 1, dtype, 1, dtype, width, 1, dtype, dtype, torch.uint8, width,
+                          m, width, k, seed, p, scale_hi, scale_lo),
+                    constexprs=dict(ACTIVATION=GATED_ACTIVATIONS.get(act, act), GATED=act in GATED_ACTIVATIONS,
+                                    HAS_BIAS=bias, HAS_RESIDUAL=residual, HAS_DROPOUT=dropout,
                                     STORE_PRE=act != "none", STORE_MASK=dropout, **common, **cfg.kwargs),
                     grid=(triton.cdiv(m, tile.rows) * triton.cdiv(n, tile.cols),),
                     num_warps=tile.warps, num_stages=tile.stages, expects_tensor_cores=tc))
         for i, tile in enumerate(_tiles_for(dtype, "dx")):
-            variants = {"gelu+dropout": ("gelu", True), "gelu_tanh+dropout": ("gelu_tanh", True)}
+            variants = {"gelu+dropout": ("gelu", True), "gelu_tanh+dropout": ("gelu_tanh", True),
+                        "swiglu+dropout": ("swiglu", True)}
             if i == 0:
-                variants.update({"plain": ("none", False), "relu": ("relu", False)})
+                variants.update({"plain": ("none", False), "relu": ("relu", False), "silu": ("silu", False),
+                                 "geglu": ("geglu", False)})
             for vname, (act, dropout) in variants.items():
+                grad_width = n // 2 if act in GATED_ACTIVATIONS else n   # grad_out's row stride
+                epilogue = dict(ACTIVATION=GATED_ACTIVATIONS.get(act, act), GATED=act in GATED_ACTIVATIONS,
+                                HAS_DROPOUT=dropout)
                 dx = _config("dx", tile, _GROUP)
                 cases.append(GpuCompileCase(
                     name=f"linear_bwd_dx {dname} {_tile_name(tile)} {vname}{'+bias' if act != 'none' else ''}",
                     kernel=_linear_bwd_dx_kernel,
-                    args=(dtype, n, 1, dtype, n, 1, dtype, k, 1, dtype, k, torch.float32, n,
+                    args=(dtype, grad_width, 1, dtype, n, 1, dtype, k, 1, dtype, k, torch.float32, n,
                           m, n, k, seed, p, scale_hi, scale_lo),
-                    constexprs=dict(ACTIVATION=act, HAS_DROPOUT=dropout, NEED_DB=act != "none", **common,
-                                    **dx.kwargs),
+                    constexprs=dict(**epilogue, NEED_DB=act != "none", **common, **dx.kwargs),
                     grid=(triton.cdiv(m, tile.rows) * triton.cdiv(k, tile.cols),),
                     num_warps=tile.warps, num_stages=tile.stages, expects_tensor_cores=tc))
                 dw = _config("dw", tile, _GROUP)
                 cases.append(GpuCompileCase(
                     name=f"linear_bwd_dw {dname} {_tile_name(tile)} {vname}",
                     kernel=_linear_bwd_dw_kernel,
-                    args=(dtype, n, 1, dtype, n, 1, dtype, k, 1, dtype, 0, k,
+                    args=(dtype, grad_width, 1, dtype, n, 1, dtype, k, 1, dtype, 0, k,
                           m, n, k, m, seed, p, scale_hi, scale_lo),
-                    constexprs=dict(ACTIVATION=act, HAS_DROPOUT=dropout, **common, **dw.kwargs),
+                    constexprs=dict(**epilogue, **common, **dw.kwargs),
                     grid=(triton.cdiv(n, tile.rows) * triton.cdiv(k, tile.cols), 1),
                     num_warps=tile.warps, num_stages=tile.stages, expects_tensor_cores=tc))
     for dtype in DTYPES:

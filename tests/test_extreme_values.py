@@ -223,6 +223,7 @@ ACTIVATIONS = {  # the linear op's activation: the torch float64 function
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "silu": F.silu,
 }
 
 
@@ -286,7 +287,7 @@ def test_linear_epilogue_at_the_dtype_extremes(activation, dtype, backend, devic
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu"])
 def test_feed_forward_at_the_dtype_extremes(activation, dtype, backend, device):
     """feed_forward with hidden pre-activations from -max to max (w1 = I, w2 = [1/2, 1/2]):
     out = act(x) / 2 (+ 0), forward and dx, as torch float64."""

@@ -19,7 +19,15 @@ from engine.ops.common import draw_seed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TORCH_ACTIVATION = {None: lambda y: y, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-                    "relu": F.relu}
+                    "relu": F.relu, "silu": F.silu}
+# The gated activations in torch: the first half of the product's columns is the gate.
+TORCH_GATE = {"swiglu": F.silu, "geglu": F.gelu, "geglu_tanh": lambda y: F.gelu(y, approximate="tanh")}
+GATED = list(TORCH_GATE)
+
+
+def torch_gated(product, activation):
+    gate, up = product.chunk(2, dim=-1)
+    return TORCH_GATE[activation](gate) * up
 
 
 def rand(*shape, g, dtype, device, scale=1.0):
@@ -45,7 +53,7 @@ SHAPES = [(1, 7, 129), (7, 129, 1), (129, 1000, 7), (33, 64, 3072), (1000, 7, 12
 @pytest.mark.usefixtures("poisoned_outputs")
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "relu"])
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh", "relu", "silu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_linear_matches_reference(shape, activation, dtype, backend, device):
     skip_unless_runs(backend, device)
@@ -94,6 +102,71 @@ def test_feed_forward_matches_reference(with_residual, dtype, backend, device):
     expected = grads_of(torch_ffn(*leaves64), leaves64, g)
     names = ["out", "dx", "dw1", "db1", "dw2", "db2", "dresidual"][:len(ours)]
     check_all(ours, baseline, expected, names, reduction_length=max(2 * m, d_model, d_ff))
+
+
+# (M, K, H) of gated products [M, 2H]: one row, odd and prime sizes, a hidden width past one tile
+GATED_SHAPES = [(1, 7, 65), (33, 64, 96), (70, 33, 1)]
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", GATED)
+@pytest.mark.parametrize("shape", GATED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_gated_linear_matches_reference(shape, activation, dtype, backend, device):
+    skip_unless_runs(backend, device)
+    m, k, h = shape
+    g = torch.Generator().manual_seed(m + 3 * h)
+    x = rand(m, k, g=g, dtype=dtype, device=device)
+    w = rand(2 * h, k, g=g, dtype=dtype, device=device, scale=k ** -0.5)
+    b = rand(2 * h, g=g, dtype=dtype, device=device) if h != 1 else None  # also cover no bias
+    state = g.get_state()
+    ours = grads_of(EF.linear(x, w, b, activation, backend=backend), (x, w, b), g)
+    assert ours[0].shape == (m, h)
+    g.set_state(state)
+    baseline = grads_of(torch_gated(F.linear(x, w, b), activation), (x, w, b), g)
+    g.set_state(state)
+    x64, w64, b64 = (t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b))
+    expected = grads_of(torch_gated(F.linear(x64, w64, b64), activation), (x64, w64, b64), g)
+    check_all(ours, baseline, expected, ["out", "dx", "dw", "db"][:len(ours)], reduction_length=max(m, k, 2 * h))
+
+
+@pytest.mark.usefixtures("poisoned_outputs")
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swiglu_feed_forward_matches_llama_mlp(dtype, backend, device):
+    """feed_forward(..., "swiglu") against transformers' LlamaMLP, its gate_proj and up_proj weights
+    loaded as w1 = cat([gate_proj, up_proj]) (engine.functional.feed_forward's layout), with a
+    residual in the second product's epilogue; float64 LlamaMLP is the reference."""
+    skip_unless_runs(backend, device)
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    d_model, d_ff = 48, 80
+    config = LlamaConfig(hidden_size=d_model, intermediate_size=d_ff, num_attention_heads=4, hidden_act="silu",
+                         mlp_bias=False)
+    torch.manual_seed(6)
+    mlp = LlamaMLP(config).to(device, dtype)
+    g = torch.Generator().manual_seed(7)
+    x = rand(2, 19, d_model, g=g, dtype=dtype, device=device)
+    r = rand(2, 19, d_model, g=g, dtype=dtype, device=device)
+    w1 = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().requires_grad_()
+    w2 = mlp.down_proj.weight.detach().clone().requires_grad_()
+    state = g.get_state()
+    ours = grads_of(EF.feed_forward(x, w1, None, w2, None, "swiglu", residual=r, backend=backend), (x, w1, w2, r), g)
+
+    def llama_grads(mlp, x, r):
+        params = [mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight]
+        g.set_state(state)
+        out, dx, dgate, dup, dw2, dr = grads_of(mlp(x) + r, (x, *params, r), g)
+        return [out, dx, torch.cat([dgate, dup]), dw2, dr]
+
+    baseline = llama_grads(mlp, x, r)
+    mlp64 = LlamaMLP(config).double().to(device)
+    mlp64.load_state_dict({name: p.double() for name, p in mlp.state_dict().items()})
+    x64, r64 = (t.detach().double().requires_grad_() for t in (x, r))
+    expected = llama_grads(mlp64, x64, r64)
+    check_all(ours, baseline, expected, ["out", "dx", "dw1", "dw2", "dresidual"],
+              reduction_length=max(38, d_model, 2 * d_ff))
 
 
 @pytest.mark.usefixtures("poisoned_outputs")
@@ -244,6 +317,31 @@ def test_dropout_mask_fraction_determinism_and_gradients(backend, device):
         torch.testing.assert_close(actual.double(), exp, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_pairs())
+def test_gated_dropout_and_residual(backend, device):
+    """swiglu with dropout and a residual: the [M, H] mask is the stream's for the output columns
+    (counters (j, m) of output [m, j]), and out and gradients match the float64 reference."""
+    skip_unless_runs(backend, device)
+    p, m, k, h = 0.3, 40, 24, 70
+    g = torch.Generator().manual_seed(12)
+    x = rand(m, k, g=g, dtype=torch.float32, device=device)
+    w = rand(2 * h, k, g=g, dtype=torch.float32, device=device, scale=k ** -0.5)
+    b = rand(2 * h, g=g, dtype=torch.float32, device=device)
+    r = rand(m, h, g=g, dtype=torch.float32, device=device)
+    torch.manual_seed(8)
+    out, keep = linear_op.linear(x, w, b, "swiglu", p, r, backend, return_dropout_mask=True)
+    expected_keep = reference.dropout_keep_mask(_seed_the_op_draws(8), p, m, h).view(m, h)
+    assert keep.shape == (m, h) and torch.equal(keep.cpu(), expected_keep)
+    grad_out = torch.randn(out.shape, generator=g).to(out)
+    grads = torch.autograd.grad(out, (x, w, b, r), grad_out)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b, r)]
+    out64, _ = reference.linear(*leaves64[:3], "swiglu", p, expected_keep.to(device), leaves64[3])
+    grads64 = torch.autograd.grad(out64, leaves64, grad_out.double())
+    torch.testing.assert_close(out.double(), out64, atol=1e-4, rtol=1e-4)
+    for actual, exp in zip(grads, grads64):
+        torch.testing.assert_close(actual.double(), exp, atol=1e-3, rtol=1e-4)
+
+
 def test_feed_forward_dropout_is_seeded_by_torch():
     g = torch.Generator().manual_seed(0)
     x, w1, b1 = torch.randn(8, 16, generator=g), torch.randn(64, 16, generator=g), torch.randn(64, generator=g)
@@ -260,13 +358,13 @@ def test_feed_forward_dropout_is_seeded_by_torch():
 
 
 @pytest.mark.parametrize("backend,device", backend_device_pairs())
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", None])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "relu", "silu", None, *GATED])
 def test_gradcheck_float64(activation, backend, device):
     skip_unless_runs(backend, device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 6, dtype=torch.float64, generator=g).to(device).requires_grad_()
-    w = torch.randn(7, 6, dtype=torch.float64, generator=g).to(device).requires_grad_()
-    b = torch.randn(7, dtype=torch.float64, generator=g).to(device).requires_grad_()
+    w = torch.randn(8, 6, dtype=torch.float64, generator=g).to(device).requires_grad_()  # gated: 4 gate, 4 up rows
+    b = torch.randn(8, dtype=torch.float64, generator=g).to(device).requires_grad_()
     reason = backends.why_not("linear", backend, x.device, linear_op.LinearArgs(x, w, b, activation or "none", 0.0,
                                                                                 None, False))
     if reason:
@@ -298,7 +396,11 @@ def _bad_calls():
     yield "b1", ValueError, lambda: EF.feed_forward(x, w, torch.randn(3), w2, b2)
     yield "residual", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, residual=torch.randn(4, 9))
     yield "activation", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, activation="tanh")
-    yield "activation", ValueError, lambda: engine.nn.Linear(4, 4, activation="silu")
+    yield "activation", ValueError, lambda: engine.nn.Linear(4, 4, activation="swish")
+    yield "weight", ValueError, lambda: EF.linear(x, torch.randn(15, 8), None, "geglu")  # odd rows: no gate/up halves
+    yield "w1", ValueError, lambda: EF.feed_forward(x, torch.randn(15, 8), None, w2, b2, "swiglu")
+    yield "w1 makes 8", ValueError, lambda: EF.feed_forward(x, w, b, w2, b2, "swiglu")  # w2 must take d_ff = 8
+    yield "out_features", ValueError, lambda: engine.nn.Linear(4, 5, activation="geglu")
 
 
 @pytest.mark.parametrize("argument,error,call", list(_bad_calls()),
@@ -346,3 +448,17 @@ def test_feed_forward_module():
     ffn.train()
     assert not torch.allclose(ffn(x), expected)
     assert set(ffn.state_dict()) == {"linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"}
+
+
+def test_gated_modules():
+    """Linear(..., activation="geglu") outputs half its out_features; FeedForward(..., "swiglu")
+    holds linear1 [2 * d_ff, d_model] (gate rows, then up rows)."""
+    linear = engine.nn.Linear(12, 20, activation="geglu")
+    x = torch.randn(3, 12)
+    gate, up = F.linear(x, linear.weight, linear.bias).chunk(2, dim=-1)
+    torch.testing.assert_close(linear(x), F.gelu(gate) * up, atol=1e-5, rtol=1e-5)
+    ffn = engine.nn.FeedForward(16, 24, activation="swiglu")
+    assert ffn.linear1.weight.shape == (48, 16) and ffn.linear2.weight.shape == (16, 24)
+    x = torch.randn(2, 5, 16)
+    gate, up = ffn.linear1(x).chunk(2, dim=-1)
+    torch.testing.assert_close(ffn(x), ffn.linear2(F.silu(gate) * up), atol=1e-5, rtol=1e-5)

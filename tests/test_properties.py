@@ -118,8 +118,18 @@ def test_norms_match_torch(backend, device):
 # Linear with a fused activation
 
 
+def _gated(gate_activation):
+    """A gated activation on the product [..., 2H]: gate_activation(first half) * second half."""
+    def activation(y):
+        gate, up = y.chunk(2, dim=-1)
+        return gate_activation(gate) * up
+    return activation
+
+
 ACTIVATIONS = {None: lambda y: y, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
-               "relu": F.relu}
+               "relu": F.relu, "silu": F.silu, "swiglu": _gated(F.silu), "geglu": _gated(F.gelu),
+               "geglu_tanh": _gated(lambda y: F.gelu(y, approximate="tanh"))}
+GATED = ("swiglu", "geglu", "geglu_tanh")
 
 
 @st.composite
@@ -134,8 +144,9 @@ def linear_cases(draw, tiny: bool):
 def _check_linear(case, backend, device):
     g = torch.Generator().manual_seed(case["seed"])
     x = _tensor(g, *case["lead"], case["k"], strided=case["strided"]).to(device).requires_grad_()
-    weight = _tensor(g, case["n"], case["k"]).to(device).requires_grad_()
-    bias = _tensor(g, case["n"]).to(device).requires_grad_() if case["bias"] else None
+    rows = 2 * case["n"] if case["activation"] in GATED else case["n"]  # gated: gate rows, then up rows
+    weight = _tensor(g, rows, case["k"]).to(device).requires_grad_()
+    bias = _tensor(g, rows).to(device).requires_grad_() if case["bias"] else None
     inputs = [t for t in (x, weight, bias) if t is not None]
     expected = ACTIVATIONS[case["activation"]](F.linear(x, weight, bias))
     actual = EF.linear(x, weight, bias, activation=case["activation"], backend=backend)

@@ -7,7 +7,9 @@
 //   linear_backward(grad_out [M, N], x, weight, pre?, activation, dropout_p, seed, need_weight_grad,
 //                   need_bias_grad) -> (dx [M, K], dweight [N, K] or empty, dbias [N] or empty)
 //   gelu_forward(x, approximate) -> y;  gelu_backward(grad_y, x, approximate) -> dx
-// activation is a string: "none", "gelu" (erf form), "gelu_tanh", "relu"; approximate is "none"
+// activation is a string: "none", "gelu" (erf form), "gelu_tanh", "relu", "silu", or a gated one,
+// "swiglu", "geglu", "geglu_tanh": weight [2H, K] = gate rows then up rows, out,
+// residual, keep and grad_out [M, H], out = act(gate) * up (silu, gelu, gelu_tanh); approximate is "none"
 // or "tanh" as in torch.nn.functional.gelu.
 //
 // CPU: tiles of BLAS products with the epilogue on each tile in cache (cpu/linear_blas.cpp).
@@ -27,12 +29,23 @@
 namespace engine::bindings {
 namespace {
 
-Activation parse_activation(const std::string& name) {
-  if (name == "none") return Activation::kNone;
-  if (name == "gelu") return Activation::kGelu;
-  if (name == "gelu_tanh") return Activation::kGeluTanh;
-  if (name == "relu") return Activation::kRelu;
-  TORCH_CHECK(false, "linear: unknown activation '", name, "' (expected none, gelu, gelu_tanh or relu)");
+// An activation name: the activation, and for a gated one the gate's activation.
+struct EpilogueActivation {
+  Activation activation;
+  bool gated;
+};
+
+EpilogueActivation parse_activation(const std::string& name) {
+  if (name == "none") return {Activation::kNone, false};
+  if (name == "gelu") return {Activation::kGelu, false};
+  if (name == "gelu_tanh") return {Activation::kGeluTanh, false};
+  if (name == "relu") return {Activation::kRelu, false};
+  if (name == "silu") return {Activation::kSilu, false};
+  if (name == "swiglu") return {Activation::kSilu, true};
+  if (name == "geglu") return {Activation::kGelu, true};
+  if (name == "geglu_tanh") return {Activation::kGeluTanh, true};
+  TORCH_CHECK(false, "linear: unknown activation '", name,
+              "' (expected none, gelu, gelu_tanh, relu, silu, swiglu, geglu or geglu_tanh)");
 }
 
 bool parse_approximate(const std::string& approximate) {
@@ -54,21 +67,23 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
                                        bool return_dropout_mask) {
   check_rows(x, "x");
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1), "linear: weight must be [N, K] with K = x.size(1)");
-  const Activation activation = parse_activation(activation_name);
+  const auto [activation, gated] = parse_activation(activation_name);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "linear: dropout_p must be in [0, 1)");
   const int64_t m = x.size(0), n = weight.size(0);
+  TORCH_CHECK(!gated || n % 2 == 0, "linear: a gated activation needs an even number of weight rows");
+  const int64_t width = gated ? n / 2 : n;  // output columns
   // Dropout counters are 32-bit (element [m, n] -> (n, m, 0)).
   TORCH_CHECK(m < (int64_t(1) << 31) && n < (int64_t(1) << 31), "linear: M and N must be below 2^31");
   const at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
   TORCH_CHECK(!b.defined() || (b.dim() == 1 && b.size(0) == n), "linear: bias must be [N]");
   at::Tensor r = residual.has_value() && residual->defined() ? *residual : at::Tensor();
   if (r.defined()) {
-    if (!(r.dim() == 2 && (r.stride(1) == 1 || n <= 1))) r = r.contiguous();
-    TORCH_CHECK(r.size(0) == m && r.size(1) == n, "linear: residual must be [M, N]");
+    if (!(r.dim() == 2 && (r.stride(1) == 1 || width <= 1))) r = r.contiguous();
+    TORCH_CHECK(r.size(0) == m && r.size(1) == width, "linear: residual must be [M, N] (gated: [M, N / 2])");
   }
-  at::Tensor out = cpu::new_output({m, n}, x.options());
+  at::Tensor out = cpu::new_output({m, width}, x.options());
   at::Tensor pre = activation != Activation::kNone ? cpu::new_output({m, n}, x.options()) : at::empty({0}, x.options());
-  at::Tensor keep = return_dropout_mask && dropout_p > 0 ? at::empty({m, n}, x.options().dtype(at::kBool))
+  at::Tensor keep = return_dropout_mask && dropout_p > 0 ? at::empty({m, width}, x.options().dtype(at::kBool))
                                                          : at::empty({0}, x.options().dtype(at::kBool));
   if (m == 0 || n == 0) return {out, pre, keep};
   const uint64_t seed_bits = static_cast<uint64_t>(seed);
@@ -77,6 +92,7 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
     using T = decltype(tag);
 #ifdef ENGINE_WITH_CUDA
     if (x.is_cuda()) {
+      // One GEMM of the whole weight: gated, its [M, 2H] product holds the gate's columns then the up ones.
       at::Tensor destination = activation != Activation::kNone ? pre : out;
       const bool bias_in_gemm = b.defined() && (std::is_same_v<T, half> || std::is_same_v<T, bfloat16>);
       if (bias_in_gemm)
@@ -93,8 +109,9 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
       args.out = static_cast<T*>(out.data_ptr());
       args.keep = keep.numel() > 0 ? static_cast<bool*>(keep.data_ptr()) : nullptr;
       args.rows = m;
-      args.cols = n;
+      args.cols = width;
       args.activation = activation;
+      args.gated = gated;
       args.dropout_p = dropout_p;
       args.seed = seed_bits;
       if (activation != Activation::kNone || args.bias || dropout_p > 0 || args.residual)
@@ -103,7 +120,7 @@ std::vector<at::Tensor> linear_forward(const at::Tensor& x, const at::Tensor& we
     }
 #endif
     TORCH_CHECK(x.is_cpu(), "linear: this build runs CPU tensors only");
-    cpu::linear_forward<T>(x, weight, b, activation, dropout_p, seed_bits, r, out, pre, keep);
+    cpu::linear_forward<T>(x, weight, b, activation, gated, dropout_p, seed_bits, r, out, pre, keep);
   });
   return {out, pre, keep};
 }
@@ -112,12 +129,14 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
                                         const c10::optional<at::Tensor>& pre, const std::string& activation_name,
                                         double dropout_p, int64_t seed, bool need_weight_grad, bool need_bias_grad) {
   check_rows(x, "x");
-  const Activation activation = parse_activation(activation_name);
+  const auto [activation, gated] = parse_activation(activation_name);
   const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
+  TORCH_CHECK(!gated || n % 2 == 0, "linear: a gated activation needs an even number of weight rows");
+  const int64_t width = gated ? n / 2 : n;  // columns of grad_out
   TORCH_CHECK(m < (int64_t(1) << 31) && n < (int64_t(1) << 31), "linear: M and N must be below 2^31");
   at::Tensor grad = grad_out;
-  if (!(grad.dim() == 2 && (grad.stride(1) == 1 || n <= 1))) grad = grad.contiguous();
-  TORCH_CHECK(grad.size(0) == m && grad.size(1) == n, "linear: grad_out must be [M, N]");
+  if (!(grad.dim() == 2 && (grad.stride(1) == 1 || width <= 1))) grad = grad.contiguous();
+  TORCH_CHECK(grad.size(0) == m && grad.size(1) == width, "linear: grad_out must be [M, N] (gated: [M, N / 2])");
   at::Tensor saved_pre = activation != Activation::kNone && pre.has_value() ? *pre : at::Tensor();
   TORCH_CHECK(activation == Activation::kNone || (saved_pre.defined() && saved_pre.size(0) == m &&
                                                   saved_pre.size(1) == n),
@@ -159,8 +178,9 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
         args.bias_grad = need_bias_grad ? static_cast<T*>(dbias.data_ptr()) : nullptr;
         args.partials = partials;
         args.rows = m;
-        args.cols = n;
+        args.cols = width;
         args.activation = activation;
+        args.gated = gated;
         args.dropout_p = dropout_p;
         args.seed = seed_bits;
         cuda::linear_backward_prologue(args, current_stream());
@@ -171,7 +191,7 @@ std::vector<at::Tensor> linear_backward(const at::Tensor& grad_out, const at::Te
     }
 #endif
     TORCH_CHECK(x.is_cpu(), "linear: this build runs CPU tensors only");
-    cpu::linear_backward<T>(grad, x, weight, saved_pre, activation, dropout_p, seed_bits, need_weight_grad,
+    cpu::linear_backward<T>(grad, x, weight, saved_pre, activation, gated, dropout_p, seed_bits, need_weight_grad,
                             need_bias_grad, dx, dweight, dbias);
   });
   return {dx, dweight, dbias};

@@ -8,6 +8,8 @@
 //              1 + tanh(u) = 2 sigmoid(2u)), which has no cancellation for negative x, and
 //              y' = s + 2 x s (1 - s) c (1 + 3 a x^2) with 1 - s = exp(-2u) s
 //   relu       y = max(x, 0) (NaN stays NaN),  y' = 1 if x > 0 else 0
+//   silu       y = x * s, s = sigmoid(x),      y' = s (1 + x (1 - s)), with s and 1 - s both
+//              from e = exp(-|x|) (no overflow, and 1 - s without cancellation for x > 0)
 //   none       y = x,                          y' = 1
 //
 // Where the primitives come from:
@@ -34,9 +36,9 @@
 namespace engine {
 
 // The activation of a linear layer's epilogue. The bindings map the strings of the Python API
-// ("none", "gelu", "gelu_tanh", "relu") to these values; kernels take it as a template argument
-// so that each loop is compiled (and vectorized) for one activation.
-enum class Activation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3 };
+// ("none", "gelu", "gelu_tanh", "relu", "silu") to these values; kernels take it as a template
+// argument so that each loop is compiled (and vectorized) for one activation.
+enum class Activation : int { kNone = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kSilu = 4 };
 
 // Calls fn(std::integral_constant<Activation, a>{}) for the runtime activation a (host code:
 // the kernel launchers pick the template instantiation with it).
@@ -46,6 +48,7 @@ void with_activation(Activation activation, Fn&& fn) {
     case Activation::kGelu: return fn(std::integral_constant<Activation, Activation::kGelu>{});
     case Activation::kGeluTanh: return fn(std::integral_constant<Activation, Activation::kGeluTanh>{});
     case Activation::kRelu: return fn(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kSilu: return fn(std::integral_constant<Activation, Activation::kSilu>{});
     default: return fn(std::integral_constant<Activation, Activation::kNone>{});
   }
 }
@@ -139,6 +142,18 @@ HOST_DEVICE void tanh_gate(A x, A& s, A& one_minus_s) {
   one_minus_s = math::choose<A>(finite_gate, e * s, A(1));
 }
 
+// For silu: s = sigmoid(x) and 1 - s = sigmoid(-x), from e = exp(-|x|) in (0, 1]: one is
+// 1 / (1 + e), the other e / (1 + e).
+template <typename A>
+HOST_DEVICE void sigmoid_pair(A x, A& s, A& one_minus_s) {
+  const bool negative = x < A(0);
+  const A e = math::exp_of<A>(math::choose<A>(negative, x, -x));
+  const A larger = A(1) / (A(1) + e);
+  const A smaller = e * larger;
+  s = math::choose<A>(negative, smaller, larger);
+  one_minus_s = math::choose<A>(negative, larger, smaller);
+}
+
 }  // namespace activation_math
 
 // act(x) in the accumulator type A (float or double).
@@ -154,6 +169,10 @@ HOST_DEVICE A activate(A x) {
     return x * s;
   } else if constexpr (kAct == Activation::kRelu) {
     return math::choose<A>(x < A(0), A(0), x);  // NaN is not < 0: it propagates, as torch's relu
+  } else if constexpr (kAct == Activation::kSilu) {
+    A s, one_minus_s;
+    activation_math::sigmoid_pair(x, s, one_minus_s);
+    return x * s;
   } else {
     return x;
   }
@@ -175,6 +194,10 @@ HOST_DEVICE A activation_grad(A x) {
     return s + A(2) * xc * s * one_minus_s * c * (A(1) + a3 * xc * xc);
   } else if constexpr (kAct == Activation::kRelu) {
     return math::choose<A>(x > A(0), A(1), A(0));
+  } else if constexpr (kAct == Activation::kSilu) {
+    A s, one_minus_s;
+    activation_math::sigmoid_pair(x, s, one_minus_s);
+    return s * (A(1) + x * one_minus_s);
   } else {
     return A(1);
   }

@@ -130,7 +130,7 @@ const A* acc_row(const S* row, A* buffer, int64_t n) {
   }
 }
 
-template <Activation kAct, bool kDropout, bool kResidual, typename T, typename P>
+template <Activation kAct, bool kGated, bool kDropout, bool kResidual, typename T, typename P>
 ENGINE_FLATTEN void forward_tile(const LinearForwardTile<T, P>& t, acc_t<T>* scratch) {
   using A = acc_t<T>;
   const int64_t n = t.cols;
@@ -139,7 +139,12 @@ ENGINE_FLATTEN void forward_tile(const LinearForwardTile<T, P>& t, acc_t<T>* scr
   A* results = scratch + 2 * n;   // [n] out before its conversion to T
   A* addend = scratch + 3 * n;    // [n] the residual row (converted)
   float* uniforms = reinterpret_cast<float*>(scratch + 4 * n);  // [n] dropout stream
+  A* up_bias = scratch + 5 * n;   // gated: [n] the up projection's bias in A
+  A* up_values = scratch + 6 * n; // gated: [n] the up product row, then up + its bias
   for (int64_t j = 0; j < n; ++j) bias[j] = t.bias ? to_acc(t.bias[j]) : A(0);
+  if constexpr (kGated) {
+    for (int64_t j = 0; j < n; ++j) up_bias[j] = t.up_bias ? to_acc(t.up_bias[j]) : A(0);
+  }
   const float p = static_cast<float>(t.dropout_p);  // the stream compares in fp32 (common/philox.h)
   const A scale = kDropout ? A(1.0 / (1.0 - t.dropout_p)) : A(1);
   const PhiloxKey key = philox_key(t.seed);
@@ -152,31 +157,47 @@ ENGINE_FLATTEN void forward_tile(const LinearForwardTile<T, P>& t, acc_t<T>* scr
     T* out_row = t.out + r * t.out_stride;
     // out = dropout(act(v)) + residual for v = product + bias; dropped elements are multiplied
     // by 0 (not replaced by 0), so NaN and inf propagate as in the reference.
-    auto finish = [&](A v, int64_t j) {
-      A y = activate<kAct, A>(v);
+    auto finish = [&](A y, int64_t j) {
       if constexpr (kDropout) y *= math::choose<A>(uniforms[j] >= p, scale, A(0));
       if constexpr (kResidual) y += residual[j];
       return y;
     };
-    if constexpr (std::is_same_v<T, A>) {
+    if constexpr (kGated) {
+      // act(gate) * up, pre = [gate, up] (+ biases), in A, then converted where T is not A
+      const P* up_source = t.up_product + r * t.product_stride;
+      const A* up = acc_row<A>(up_source, up_values, n);
+      T* up_pre_row = t.up_pre + r * t.pre_stride;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) {
+        const A v = product[j] + bias[j];
+        const A u = up[j] + up_bias[j];
+        values[j] = v;
+        up_values[j] = u;
+        results[j] = finish(activate<kAct, A>(v) * u, j);
+      }
+      // (pre may be the product tile itself: each row is read whole before it is written back)
+      store_row(values, pre_row, n);
+      store_row(up_values, up_pre_row, n);
+      store_row(results, out_row, n);
+    } else if constexpr (std::is_same_v<T, A>) {
       // fp32/fp64: straight into the outputs (pre and out may be the product tile itself).
       if (pre_row) {
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) {
           const A v = product[j] + bias[j];
           pre_row[j] = v;
-          out_row[j] = finish(v, j);
+          out_row[j] = finish(activate<kAct, A>(v), j);
         }
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) out_row[j] = finish(product[j] + bias[j], j);
+        for (int64_t j = 0; j < n; ++j) out_row[j] = finish(activate<kAct, A>(product[j] + bias[j]), j);
       }
     } else {
 #pragma omp simd
       for (int64_t j = 0; j < n; ++j) {
         const A v = product[j] + bias[j];
         values[j] = v;
-        results[j] = finish(v, j);
+        results[j] = finish(activate<kAct, A>(v), j);
       }
       // pre may be the (bf16) product tile itself with the bias already in it: nothing to write.
       if (pre_row && static_cast<const void*>(pre_row) != static_cast<const void*>(t.product + r * t.product_stride))
@@ -190,14 +211,15 @@ ENGINE_FLATTEN void forward_tile(const LinearForwardTile<T, P>& t, acc_t<T>* scr
   }
 }
 
-template <Activation kAct, bool kDropout, typename T, typename G>
+template <Activation kAct, bool kGated, bool kDropout, typename T, typename G>
 ENGINE_FLATTEN void backward_tile(const LinearBackwardTile<T, G>& t, acc_t<T>* scratch) {
   using A = acc_t<T>;
   const int64_t n = t.cols;
+  const int64_t width = kGated ? 2 * n : n;                     // columns of pre and g
   A* grad_buffer = scratch;                                     // [n] grad_out row (converted)
-  A* pre_buffer = scratch + n;                                  // [n] pre row (converted)
-  A* g_buffer = scratch + 2 * n;                                // [n] g before its conversion
-  float* uniforms = reinterpret_cast<float*>(scratch + 3 * n);  // [n] dropout stream
+  A* pre_buffer = scratch + n;                                  // [width] pre row (converted)
+  A* g_buffer = scratch + 3 * n;                                // [width] g before its conversion
+  float* uniforms = reinterpret_cast<float*>(scratch + 5 * n);  // [n] dropout stream
   const float p = static_cast<float>(t.dropout_p);  // the stream compares in fp32 (common/philox.h)
   const A scale = kDropout ? A(1.0 / (1.0 - t.dropout_p)) : A(1);
   const PhiloxKey key = philox_key(t.seed);
@@ -205,7 +227,7 @@ ENGINE_FLATTEN void backward_tile(const LinearBackwardTile<T, G>& t, acc_t<T>* s
 
   for (int64_t r = 0; r < t.rows; ++r) {
     const A* grad = acc_row<A>(t.grad_out + r * t.grad_stride, grad_buffer, n);
-    const A* pre = kAct != Activation::kNone ? acc_row<A>(t.pre + r * t.pre_stride, pre_buffer, n) : nullptr;
+    const A* pre = kAct != Activation::kNone ? acc_row<A>(t.pre + r * t.pre_stride, pre_buffer, width) : nullptr;
     if (kDropout) dropout_uniforms(key, t.row0 + r, t.col0, n, uniforms);
     G* g_row = t.g + r * t.g_stride;
     A* g = std::is_same_v<G, A> ? reinterpret_cast<A*>(g_row) : g_buffer;
@@ -213,14 +235,20 @@ ENGINE_FLATTEN void backward_tile(const LinearBackwardTile<T, G>& t, acc_t<T>* s
     for (int64_t j = 0; j < n; ++j) {
       A v = grad[j];
       if constexpr (kDropout) v *= math::choose<A>(uniforms[j] >= p, scale, A(0));
-      if constexpr (kAct != Activation::kNone) v *= activation_grad<kAct, A>(pre[j]);
-      g[j] = v;
+      if constexpr (kGated) {
+        // pre = [gate | up]: g = [v * up * act'(gate) | v * act(gate)]
+        g[j] = v * pre[n + j] * activation_grad<kAct, A>(pre[j]);
+        g[n + j] = v * activate<kAct, A>(pre[j]);
+      } else {
+        if constexpr (kAct != Activation::kNone) v *= activation_grad<kAct, A>(pre[j]);
+        g[j] = v;
+      }
     }
     if (bias_grad) {
 #pragma omp simd
-      for (int64_t j = 0; j < n; ++j) bias_grad[j] += static_cast<double>(g[j]);
+      for (int64_t j = 0; j < width; ++j) bias_grad[j] += static_cast<double>(g[j]);
     }
-    if constexpr (!std::is_same_v<G, A>) store_row(g, g_row, n);
+    if constexpr (!std::is_same_v<G, A>) store_row(g, g_row, width);
   }
 }
 
@@ -231,23 +259,33 @@ void linear_forward_tile(const LinearForwardTile<T, P>& tile, acc_t<T>* scratch)
   if (tile.rows <= 0 || tile.cols <= 0) return;
   const bool dropout = tile.dropout_p > 0.0;
   const bool residual = tile.residual != nullptr;
-  with_activation(tile.activation, [&](auto act) {
-    constexpr Activation kAct = decltype(act)::value;
-    if (dropout && residual) forward_tile<kAct, true, true>(tile, scratch);
-    else if (dropout) forward_tile<kAct, true, false>(tile, scratch);
-    else if (residual) forward_tile<kAct, false, true>(tile, scratch);
-    else forward_tile<kAct, false, false>(tile, scratch);
-  });
+  auto run = [&](auto gated) {
+    constexpr bool kGated = decltype(gated)::value;
+    with_activation(tile.activation, [&](auto act) {
+      constexpr Activation kAct = decltype(act)::value;
+      if (dropout && residual) forward_tile<kAct, kGated, true, true>(tile, scratch);
+      else if (dropout) forward_tile<kAct, kGated, true, false>(tile, scratch);
+      else if (residual) forward_tile<kAct, kGated, false, true>(tile, scratch);
+      else forward_tile<kAct, kGated, false, false>(tile, scratch);
+    });
+  };
+  if (tile.gated) run(std::true_type{});
+  else run(std::false_type{});
 }
 
 template <typename T, typename G>
 void linear_backward_tile(const LinearBackwardTile<T, G>& tile, acc_t<T>* scratch) {
   if (tile.rows <= 0 || tile.cols <= 0) return;
-  with_activation(tile.activation, [&](auto act) {
-    constexpr Activation kAct = decltype(act)::value;
-    if (tile.dropout_p > 0.0) backward_tile<kAct, true>(tile, scratch);
-    else backward_tile<kAct, false>(tile, scratch);
-  });
+  auto run = [&](auto gated) {
+    constexpr bool kGated = decltype(gated)::value;
+    with_activation(tile.activation, [&](auto act) {
+      constexpr Activation kAct = decltype(act)::value;
+      if (tile.dropout_p > 0.0) backward_tile<kAct, kGated, true>(tile, scratch);
+      else backward_tile<kAct, kGated, false>(tile, scratch);
+    });
+  };
+  if (tile.gated) run(std::true_type{});
+  else run(std::false_type{});
 }
 
 template <typename T>

@@ -6,6 +6,9 @@
 // while it is still in cache:
 //   forward   out = dropout(act(product + bias)) + residual, pre = product + bias
 //   backward  g = grad_out * keep / (1 - p) * act'(pre), and the column sums of g (bias gradient)
+// Gated activations (SwiGLU, GeGLU) multiply two products, gate and up, of the same outputs:
+//   forward   out = dropout(act(gate + bias_gate) * (up + bias_up)) + residual
+//   backward  with g_out = grad_out * keep / (1 - p):  g = [g_out * up * act'(gate), g_out * act(gate)]
 // A tile is the [rows, cols] block whose first element is element (row0, col0) of the whole
 // [M, N] output; the dropout counters of element [m, n] are (n, m, 0) (common/philox.h), so a
 // tile's mask does not depend on how the output was cut into tiles.
@@ -40,13 +43,19 @@ struct LinearForwardTile {
   int64_t cols;              // tile width
   int64_t row0;              // first row of the tile in the whole output (dropout counter c1)
   int64_t col0;              // first column of the tile (dropout counter c0)
-  Activation activation;
+  Activation activation;     // gated: the gate's activation
   double dropout_p;          // in [0, 1); 0: no dropout (compared in fp32, scale 1 / (1 - p) in A)
   uint64_t seed;             // dropout seed (common/philox.h key)
+  // Gated: product, bias and pre above hold the gate's columns of the tile's outputs, these the
+  // up projection's (same strides); out = act(gate) * up. Unread when not gated.
+  bool gated;
+  const P* up_product;       // [rows, cols] (+ up bias when bias == nullptr, as product)
+  const T* up_bias;          // [cols] or nullptr
+  T* up_pre;                 // [rows, cols] output: up product + up bias, or nullptr
 };
 
 // `scratch` holds kTileScratch * cols accumulator values (thread-local, reused across tiles).
-constexpr int64_t kTileScratch = 5;
+constexpr int64_t kTileScratch = 7;
 
 template <typename T, typename P>
 void linear_forward_tile(const LinearForwardTile<T, P>& tile, acc_t<T>* scratch);
@@ -61,15 +70,18 @@ struct LinearBackwardTile {
   const T* grad_out;         // [rows, cols] gradient of out
   int64_t grad_stride;       // row stride of grad_out
   const T* pre;              // [rows, cols] saved pre-activation, or nullptr for activation none
+                             // (gated: [rows, 2 * cols], the gate's columns then the up ones)
   int64_t pre_stride;        // row stride of pre
-  G* g;                      // [rows, cols] output: the gradient of pre
+  G* g;                      // [rows, cols] output: the gradient of pre (gated: [rows, 2 * cols])
   int64_t g_stride;          // row stride of g
   double* bias_grad;         // [cols] partial sums of g over rows (accumulated into), or nullptr
+                             // (gated: [2 * cols])
   int64_t rows;
-  int64_t cols;
+  int64_t cols;              // columns of grad_out
   int64_t row0;              // first row of the tile in the whole output (dropout counter c1)
   int64_t col0;              // first column (dropout counter c0)
-  Activation activation;
+  Activation activation;     // gated: the gate's activation
+  bool gated;                // out was act(gate) * up
   double dropout_p;          // in [0, 1); 0: no dropout
   uint64_t seed;             // dropout seed
 };

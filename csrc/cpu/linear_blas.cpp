@@ -223,14 +223,16 @@ void with_product_type(int64_t rows, Fn&& fn) {
 
 template <typename T>
 void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, Activation activation,
-                    double dropout_p, uint64_t seed, const at::Tensor& residual, const at::Tensor& out,
+                    bool gated, double dropout_p, uint64_t seed, const at::Tensor& residual, const at::Tensor& out,
                     const at::Tensor& pre, const at::Tensor& keep) {
   with_product_type<T>(x.size(0), [&](auto product_type) {
     using A = acc_t<T>;
     using P = decltype(product_type);
     constexpr bool widened = !std::is_same_v<P, T>;  // products in fp32 on fp32 copies of x and W
     const int64_t m = x.size(0), k = x.size(1), n = weight.size(0);
-    const Tiles tiles = plan_tiles(m, n, k, at::get_num_threads());
+    const int64_t width = gated ? n / 2 : n;  // output columns; gated: the up rows of W start at `width`
+    // Tiles of the output; a gated tile multiplies x by the gate rows and the up rows of its columns.
+    const Tiles tiles = plan_tiles(m, width, k, at::get_num_threads());
     // Operands of the GEMMs (detached: out= ops refuse inputs that require grad, and the caller's
     // grad mode, which the workers take, may be on).
     const at::Tensor x_gemm = widened ? x.detach().to(at::kFloat) : without_grad(x);
@@ -246,31 +248,45 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
     const T* bias_data = bias.defined() && !bias_in_gemm ? static_cast<const T*>(bias.data_ptr()) : nullptr;
 
     // One tile (every small call) takes the operands whole, without narrow() views: each ATen op
-    // costs ~0.5-1 us through the dispatcher, several per tile.
-    const bool whole = tiles.row_count * tiles.col_count == 1;
+    // costs ~0.5-1 us through the dispatcher, several per tile. (Gated calls take W in halves.)
+    const bool whole = tiles.row_count * tiles.col_count == 1 && !gated;
+    // product = x_rows @ W[first : first + count]^T (+ those bias entries when the GEMM adds them)
+    auto multiply = [&](at::Tensor product, const at::Tensor& x_rows, int64_t first, int64_t count) {
+      const at::Tensor w_rows_t = (whole ? w_gemm : w_gemm.narrow(0, first, count)).t();
+      if (bias_in_gemm)
+        at::addmm_out(product, whole ? bias_gemm : bias_gemm.narrow(0, first, count), x_rows, w_rows_t);
+      else
+        at::mm_out(product, x_rows, w_rows_t);
+    };
     WorkQueue queue(tiles.row_count * tiles.col_count);
     parallel_region(tiles.threads, [&](int) {
       std::vector<A> scratch(kTileScratch * tiles.cols);
-      at::Tensor product_buffer = widened ? at::empty({tiles.rows, tiles.cols}, x_gemm.options()) : at::Tensor();
+      // widened: [rows, cols] products (gated: [rows, 2 * cols], the gate's columns then the up ones)
+      const int64_t buffer_cols = gated ? 2 * tiles.cols : tiles.cols;
+      at::Tensor product_buffer = widened ? at::empty({tiles.rows, buffer_cols}, x_gemm.options()) : at::Tensor();
       queue.run([&](int64_t index) {
         const int64_t r0 = (index / tiles.col_count) * tiles.rows, c0 = (index % tiles.col_count) * tiles.cols;
-        const int64_t rows = std::min(tiles.rows, m - r0), cols = std::min(tiles.cols, n - c0);
+        const int64_t rows = std::min(tiles.rows, m - r0), cols = std::min(tiles.cols, width - c0);
         const at::Tensor x_rows = whole ? x_gemm : x_gemm.narrow(0, r0, rows);
-        const at::Tensor w_cols_t = (whole ? w_gemm : w_gemm.narrow(0, c0, cols)).t();
         LinearForwardTile<T, P> tile{};
         if constexpr (widened) {
-          at::Tensor product = product_buffer.narrow(0, 0, rows).narrow(1, 0, cols);
-          at::mm_out(product, x_rows, w_cols_t);
-          tile.product = static_cast<const float*>(product_buffer.data_ptr());
-          tile.product_stride = tiles.cols;
+          const at::Tensor tile_buffer = product_buffer.narrow(0, 0, rows);
+          const float* buffer_data = static_cast<const float*>(product_buffer.data_ptr());
+          multiply(tile_buffer.narrow(1, 0, cols), x_rows, c0, cols);
+          tile.product = buffer_data;
+          tile.product_stride = buffer_cols;
+          if (gated) {
+            multiply(tile_buffer.narrow(1, tiles.cols, cols), x_rows, width + c0, cols);
+            tile.up_product = buffer_data + tiles.cols;
+          }
         } else {
-          at::Tensor product = whole ? destination : destination.narrow(0, r0, rows).narrow(1, c0, cols);
-          if (bias_in_gemm)
-            at::addmm_out(product, whole ? bias_gemm : bias_gemm.narrow(0, c0, cols), x_rows, w_cols_t);
-          else
-            at::mm_out(product, x_rows, w_cols_t);
+          multiply(whole ? destination : destination.narrow(0, r0, rows).narrow(1, c0, cols), x_rows, c0, cols);
           tile.product = tile_pointer<T>(destination, r0, c0);
           tile.product_stride = n;
+          if (gated) {
+            multiply(destination.narrow(0, r0, rows).narrow(1, width + c0, cols), x_rows, width + c0, cols);
+            tile.up_product = tile_pointer<T>(destination, r0, width + c0);
+          }
         }
         if (!needs_epilogue) return;
         tile.bias = bias_data ? bias_data + c0 : nullptr;
@@ -279,9 +295,14 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
         tile.pre = activation != Activation::kNone ? tile_pointer<T>(pre, r0, c0) : nullptr;
         tile.pre_stride = n;
         tile.out = tile_pointer<T>(out, r0, c0);
-        tile.out_stride = n;
+        tile.out_stride = width;
         tile.keep = keep.numel() > 0 ? tile_pointer<bool>(keep, r0, c0) : nullptr;
-        tile.keep_stride = n;
+        tile.keep_stride = width;
+        tile.gated = gated;
+        if (gated) {
+          tile.up_bias = bias_data ? bias_data + width + c0 : nullptr;
+          tile.up_pre = tile_pointer<T>(pre, r0, width + c0);
+        }
         tile.rows = rows;
         tile.cols = cols;
         tile.row0 = r0;
@@ -297,7 +318,7 @@ void linear_forward(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 
 template <typename T>
 void linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
-                         const at::Tensor& pre, Activation activation, double dropout_p, uint64_t seed,
+                         const at::Tensor& pre, Activation activation, bool gated, double dropout_p, uint64_t seed,
                          bool need_weight_grad, bool need_bias_grad, at::Tensor& dx, at::Tensor& dweight,
                          at::Tensor& dbias) {
   with_product_type<T>(x.size(0), [&](auto product_type) {
@@ -350,10 +371,11 @@ void linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::
           tile.g_stride = n;
           tile.bias_grad = bias_grad;
           tile.rows = rows;
-          tile.cols = n;
+          tile.cols = gated ? n / 2 : n;
           tile.row0 = r0;
           tile.col0 = 0;
           tile.activation = activation;
+          tile.gated = gated;
           tile.dropout_p = dropout_p;
           tile.seed = seed;
           linear_backward_tile(tile, scratch.data());
@@ -378,11 +400,11 @@ void linear_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::
 }
 
 #define INSTANTIATE(T)                                                                                        \
-  template void linear_forward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, Activation, double,   \
-                                  uint64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&,             \
+  template void linear_forward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, Activation, bool,     \
+                                  double, uint64_t, const at::Tensor&, const at::Tensor&, const at::Tensor&,             \
                                   const at::Tensor&);                                                            \
   template void linear_backward<T>(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,   \
-                                   Activation, double, uint64_t, bool, bool, at::Tensor&, at::Tensor&,           \
+                                   Activation, bool, double, uint64_t, bool, bool, at::Tensor&, at::Tensor&,     \
                                    at::Tensor&);
 INSTANTIATE(float)
 INSTANTIATE(double)

@@ -37,16 +37,22 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, kVec>& pack) {
   *reinterpret_cast<Pack<T, kVec>*>(p) = pack;
 }
 
-// Forward epilogue. Thread (blockIdx.x, threadIdx.x) owns columns [j0, j0 + kVec) and walks the
-// rows blockIdx.y, blockIdx.y + gridDim.y, ...; its bias values stay in registers.
-template <typename T, Activation kAct, bool kDropout, bool kResidual, int kVec>
+// Forward epilogue. Thread (blockIdx.x, threadIdx.x) owns output columns [j0, j0 + kVec) (gated:
+// also the up columns cols + j0 ...) and walks the rows blockIdx.y, blockIdx.y + gridDim.y, ...;
+// its bias values stay in registers.
+template <typename T, Activation kAct, bool kGated, bool kDropout, bool kResidual, int kVec>
 __global__ void __launch_bounds__(kThreads) linear_epilogue_kernel(LinearEpilogueArgs<T> args) {
   using A = acc_t<T>;
   const int64_t j0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (j0 >= args.cols) return;
-  A bias[kVec];  // kVec > 1 only when cols % kVec == 0: every element of the pack is in range
+  const int64_t up0 = args.cols + j0;                       // gated: the up projection's columns
+  const int64_t pre_stride = kGated ? 2 * args.cols : args.cols;
+  A bias[kVec], up_bias[kVec];  // kVec > 1 only when cols % kVec == 0: every element of the pack is in range
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) bias[e] = args.bias ? to_acc(args.bias[j0 + e]) : A(0);
+  for (int e = 0; e < kVec; ++e) {
+    bias[e] = args.bias ? to_acc(args.bias[j0 + e]) : A(0);
+    up_bias[e] = kGated && args.bias ? to_acc(args.bias[up0 + e]) : A(0);
+  }
   const bool write_pre = args.pre != nullptr && (args.bias != nullptr || args.pre != args.product);
   const float p = static_cast<float>(args.dropout_p);  // the stream compares in fp32 (common/philox.h)
   const A scale = kDropout ? A(1.0 / (1.0 - args.dropout_p)) : A(1);
@@ -54,6 +60,8 @@ __global__ void __launch_bounds__(kThreads) linear_epilogue_kernel(LinearEpilogu
 
   for (int64_t r = blockIdx.y; r < args.rows; r += gridDim.y) {
     const Pack<T, kVec> product = load_pack<T, kVec>(args.product + r * args.product_stride + j0);
+    Pack<T, kVec> up_product;
+    if (kGated) up_product = load_pack<T, kVec>(args.product + r * args.product_stride + up0);
     Pack<T, kVec> residual;
     if (kResidual) residual = load_pack<T, kVec>(args.residual + r * args.residual_stride + j0);
     // Dropout decisions first, one element at a time (a rolled loop: 8 unrolled Philox streams
@@ -64,12 +72,17 @@ __global__ void __launch_bounds__(kThreads) linear_epilogue_kernel(LinearEpilogu
       for (int e = 0; e < kVec; ++e)
         kept |= uint32_t(dropout_keep(key, p, static_cast<uint32_t>(j0 + e), static_cast<uint32_t>(r), 0u)) << e;
     }
-    Pack<T, kVec> pre, out;
+    Pack<T, kVec> pre, up_pre, out;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const A v = to_acc(product.v[e]) + bias[e];
       pre.v[e] = from_acc<T>(v);
       A y = activate<kAct, A>(v);
+      if constexpr (kGated) {
+        const A u = to_acc(up_product.v[e]) + up_bias[e];
+        up_pre.v[e] = from_acc<T>(u);
+        y *= u;
+      }
       // times 0, not 0: NaN and inf propagate as in the reference
       if constexpr (kDropout) y *= (kept >> e) & 1u ? scale : A(0);
       if constexpr (kResidual) y += to_acc(residual.v[e]);
@@ -77,7 +90,10 @@ __global__ void __launch_bounds__(kThreads) linear_epilogue_kernel(LinearEpilogu
     }
     const int64_t offset = r * args.cols + j0;
     store_pack<T, kVec>(args.out + offset, out);
-    if (write_pre) store_pack<T, kVec>(args.pre + offset, pre);
+    if (write_pre) {
+      store_pack<T, kVec>(args.pre + r * pre_stride + j0, pre);
+      if (kGated) store_pack<T, kVec>(args.pre + r * pre_stride + up0, up_pre);
+    }
     if (kDropout && args.keep) {
 #pragma unroll
       for (int e = 0; e < kVec; ++e) args.keep[offset + e] = (kept >> e) & 1u;
@@ -85,46 +101,62 @@ __global__ void __launch_bounds__(kThreads) linear_epilogue_kernel(LinearEpilogu
   }
 }
 
-// Backward prologue: g = grad_out * keep / (1 - p) * act'(pre). Block row blockIdx.y handles
-// rows blockIdx.y, blockIdx.y + gridDim.y, ... and writes its column sums of g to row
-// blockIdx.y of bias_grad_partial (each column of that row belongs to one thread: no atomics).
-template <typename T, Activation kAct, bool kDropout, int kVec>
+// Backward prologue: g = grad_out * keep / (1 - p) * act'(pre) (gated: the gate's and the up
+// columns of g, as in the header). Block row blockIdx.y handles rows blockIdx.y,
+// blockIdx.y + gridDim.y, ... and writes its column sums of g to row blockIdx.y of
+// bias_grad_partial (each column of that row belongs to one thread: no atomics).
+template <typename T, Activation kAct, bool kGated, bool kDropout, int kVec>
 __global__ void __launch_bounds__(kThreads) linear_backward_kernel(LinearBackwardArgs<T> args) {
   using A = acc_t<T>;
   const int64_t j0 = (int64_t(blockIdx.x) * kThreads + threadIdx.x) * kVec;
   if (j0 >= args.cols) return;
+  const int64_t up0 = args.cols + j0;                       // gated: the up projection's columns
+  const int64_t g_stride = kGated ? 2 * args.cols : args.cols;
   const float p = static_cast<float>(args.dropout_p);  // the stream compares in fp32 (common/philox.h)
   const A scale = kDropout ? A(1.0 / (1.0 - args.dropout_p)) : A(1);
   const PhiloxKey key = philox_key(args.seed);
-  A sums[kVec];
+  A sums[kVec], up_sums[kVec];
 #pragma unroll
-  for (int e = 0; e < kVec; ++e) sums[e] = A(0);
+  for (int e = 0; e < kVec; ++e) sums[e] = up_sums[e] = A(0);
 
   for (int64_t r = blockIdx.y; r < args.rows; r += gridDim.y) {
     const Pack<T, kVec> grad = load_pack<T, kVec>(args.grad_out + r * args.grad_stride + j0);
-    Pack<T, kVec> pre;
+    Pack<T, kVec> pre, up_pre;
     if (kAct != Activation::kNone) pre = load_pack<T, kVec>(args.pre + r * args.pre_stride + j0);
+    if (kGated) up_pre = load_pack<T, kVec>(args.pre + r * args.pre_stride + up0);
     uint32_t kept = 0;  // bit e: element e kept by dropout (computed as in the forward kernel)
     if constexpr (kDropout) {
 #pragma unroll 1
       for (int e = 0; e < kVec; ++e)
         kept |= uint32_t(dropout_keep(key, p, static_cast<uint32_t>(j0 + e), static_cast<uint32_t>(r), 0u)) << e;
     }
-    Pack<T, kVec> g;
+    Pack<T, kVec> g, up_g;
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       A v = to_acc(grad.v[e]);
       if constexpr (kDropout) v *= (kept >> e) & 1u ? scale : A(0);
-      if constexpr (kAct != Activation::kNone) v *= activation_grad<kAct, A>(to_acc(pre.v[e]));
+      if constexpr (kGated) {
+        const A gate = to_acc(pre.v[e]);
+        const A up_grad = v * activate<kAct, A>(gate);
+        v *= to_acc(up_pre.v[e]) * activation_grad<kAct, A>(gate);
+        up_sums[e] += up_grad;
+        up_g.v[e] = from_acc<T>(up_grad);
+      } else if constexpr (kAct != Activation::kNone) {
+        v *= activation_grad<kAct, A>(to_acc(pre.v[e]));
+      }
       sums[e] += v;
       g.v[e] = from_acc<T>(v);
     }
-    store_pack<T, kVec>(args.g + r * args.cols + j0, g);
+    store_pack<T, kVec>(args.g + r * g_stride + j0, g);
+    if (kGated) store_pack<T, kVec>(args.g + r * g_stride + up0, up_g);
   }
   if (args.bias_grad_partial) {
-    A* partial = args.bias_grad_partial + int64_t(blockIdx.y) * args.cols + j0;
+    A* partial = args.bias_grad_partial + int64_t(blockIdx.y) * g_stride;
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) partial[e] = sums[e];
+    for (int e = 0; e < kVec; ++e) {
+      partial[j0 + e] = sums[e];
+      if (kGated) partial[up0 + e] = up_sums[e];
+    }
   }
 }
 
@@ -201,23 +233,37 @@ void launch_epilogue(const LinearEpilogueArgs<T>& args, cudaStream_t stream) {
   const dim3 grid = row_grid<T, kVec>(args.rows, args.cols, args.rows < kMaxGridRows ? args.rows : kMaxGridRows);
   const bool dropout = args.dropout_p > 0.0;
   const bool residual = args.residual != nullptr;
-  with_activation(args.activation, [&](auto act) {
-    constexpr Activation kAct = decltype(act)::value;
-    if (dropout && residual) linear_epilogue_kernel<T, kAct, true, true, kVec><<<grid, kThreads, 0, stream>>>(args);
-    else if (dropout) linear_epilogue_kernel<T, kAct, true, false, kVec><<<grid, kThreads, 0, stream>>>(args);
-    else if (residual) linear_epilogue_kernel<T, kAct, false, true, kVec><<<grid, kThreads, 0, stream>>>(args);
-    else linear_epilogue_kernel<T, kAct, false, false, kVec><<<grid, kThreads, 0, stream>>>(args);
-  });
+  auto launch = [&](auto gated) {
+    constexpr bool kGated = decltype(gated)::value;
+    with_activation(args.activation, [&](auto act) {
+      constexpr Activation kAct = decltype(act)::value;
+      if (dropout && residual)
+        linear_epilogue_kernel<T, kAct, kGated, true, true, kVec><<<grid, kThreads, 0, stream>>>(args);
+      else if (dropout)
+        linear_epilogue_kernel<T, kAct, kGated, true, false, kVec><<<grid, kThreads, 0, stream>>>(args);
+      else if (residual)
+        linear_epilogue_kernel<T, kAct, kGated, false, true, kVec><<<grid, kThreads, 0, stream>>>(args);
+      else
+        linear_epilogue_kernel<T, kAct, kGated, false, false, kVec><<<grid, kThreads, 0, stream>>>(args);
+    });
+  };
+  if (args.gated) launch(std::true_type{});
+  else launch(std::false_type{});
 }
 
 template <typename T, int kVec>
 void launch_backward(const LinearBackwardArgs<T>& args, cudaStream_t stream) {
   const dim3 grid = row_grid<T, kVec>(args.rows, args.cols, args.partials);
-  with_activation(args.activation, [&](auto act) {
-    constexpr Activation kAct = decltype(act)::value;
-    if (args.dropout_p > 0.0) linear_backward_kernel<T, kAct, true, kVec><<<grid, kThreads, 0, stream>>>(args);
-    else linear_backward_kernel<T, kAct, false, kVec><<<grid, kThreads, 0, stream>>>(args);
-  });
+  auto launch = [&](auto gated) {
+    constexpr bool kGated = decltype(gated)::value;
+    with_activation(args.activation, [&](auto act) {
+      constexpr Activation kAct = decltype(act)::value;
+      if (args.dropout_p > 0.0) linear_backward_kernel<T, kAct, kGated, true, kVec><<<grid, kThreads, 0, stream>>>(args);
+      else linear_backward_kernel<T, kAct, kGated, false, kVec><<<grid, kThreads, 0, stream>>>(args);
+    });
+  };
+  if (args.gated) launch(std::true_type{});
+  else launch(std::false_type{});
 }
 
 // Blocks of an elementwise grid-stride kernel: enough to fill any GPU several times over.
@@ -256,9 +302,10 @@ void linear_backward_prologue(const LinearBackwardArgs<T>& args, void* stream) {
   if (vectorized) launch_backward<T, kVec>(args, launch_stream);
   else launch_backward<T, 1>(args, launch_stream);
   if (args.bias_grad && args.bias_grad_partial) {
-    const unsigned blocks = static_cast<unsigned>((args.cols + kThreads - 1) / kThreads);
+    const int64_t g_cols = args.gated ? 2 * args.cols : args.cols;
+    const unsigned blocks = static_cast<unsigned>((g_cols + kThreads - 1) / kThreads);
     bias_grad_reduce_kernel<T><<<blocks, kThreads, 0, launch_stream>>>(args.bias_grad_partial, args.partials,
-                                                                      args.cols, args.bias_grad);
+                                                                      g_cols, args.bias_grad);
   }
 }
 

@@ -17,12 +17,18 @@ Every implementation of "linear" takes the same arguments (validated and laid ou
         dx = g @ weight,  dweight = g^T @ x,  dbias = g summed over rows; the residual's gradient is
         grad_out itself (the autograd layer passes it on).
     x [M, K] with unit column stride; weight [N, K] (torch.nn.Linear's layout) with any strides;
-    bias [N] or None; residual [M, N] or None; activation one of "none", "gelu" (erf form),
-    "gelu_tanh", "relu"; dropout_p in [0, 1) with seed: the dropout stream of engine/reference.py
-    (Philox, counters (n, m, 0) for element [m, n]).
-    out [M, N] contiguous in x's dtype. pre_activation [M, N] (x @ W^T + b, in x's dtype) is
-    returned only when backward needs it (activation != "none"), else None. dropout_mask: bool
-    [M, N] of kept elements when return_dropout_mask (a debug path for tests), else None.
+    bias [N] or None; activation one of "none", "gelu" (erf form), "gelu_tanh", "relu", "silu", or
+    a gated one, "swiglu", "geglu", "geglu_tanh" (engine/reference.py GATED_ACTIVATIONS); dropout_p
+    in [0, 1) with seed: the dropout stream of engine/reference.py (Philox, counters (n, m, 0) for
+    element [m, n] of out).
+    The output width H is N, or N / 2 for a gated activation: the weight's first N / 2 rows make
+    the gate, the others the up projection, out = act(gate) * up (dropout, residual after that),
+    and the backward's g [M, N] = [g_out * up * act'(gate), g_out * act(gate)] with
+    g_out = grad_out * keep / (1 - p) [M, H].
+    residual [M, H] or None. out [M, H] contiguous in x's dtype. pre_activation [M, N]
+    (x @ W^T + b, in x's dtype) is returned only when backward needs it (activation != "none"),
+    else None. dropout_mask: bool [M, H] of kept elements when return_dropout_mask (a debug path
+    for tests), else None. grad_out [M, H].
     dx [M, K] contiguous in x's dtype; dweight [N, K] and dbias [N] in the weight's dtype, or None
     when not needed.
 
@@ -66,7 +72,8 @@ def _reference_keep(seed, dropout_p, m, n, device):
 
 
 def _reference_forward(x, weight, bias, activation, dropout_p, seed, residual, return_dropout_mask):
-    keep = _reference_keep(seed, dropout_p, x.shape[0], weight.shape[0], x.device) if dropout_p > 0 else None
+    width = reference.output_width(activation, weight.shape[0])
+    keep = _reference_keep(seed, dropout_p, x.shape[0], width, x.device) if dropout_p > 0 else None
     out, pre = reference.linear(x, weight, bias, activation, dropout_p, keep, residual)
     return (out, pre.to(x.dtype) if activation != "none" else None, keep if return_dropout_mask else None)
 
@@ -76,10 +83,10 @@ def _reference_backward(grad_out, x, weight, pre_activation, activation, dropout
     acc = reference.accumulator_dtype(x.dtype)
     g = grad_out.to(acc)
     if dropout_p > 0:
-        keep = _reference_keep(seed, dropout_p, x.shape[0], weight.shape[0], x.device)
+        keep = _reference_keep(seed, dropout_p, x.shape[0], grad_out.shape[1], x.device)
         g = g * keep / (1.0 - dropout_p)
     if activation != "none":
-        g = g * reference.activation_grad(pre_activation.to(acc), activation)
+        g = reference.activation_backward(g, pre_activation.to(acc), activation)
     dx = (g @ weight.to(acc)).to(x.dtype)
     dweight = (g.t() @ x.to(acc)).to(weight.dtype) if need_weight_grad else None
     dbias = g.sum(0).to(weight.dtype) if need_bias_grad else None
@@ -190,9 +197,10 @@ _linear_backward_op = torch.library.custom_op("engine::linear_backward", _linear
 @_linear_op.register_fake
 def _linear_fake(x, weight, bias, activation, dropout_p, residual, return_dropout_mask, backend):
     m, n = x.shape[0], weight.shape[0]
+    width = reference.output_width(activation, n)
     pre_shape = (m, n) if activation != "none" else (0,)
-    keep_shape = (m, n) if return_dropout_mask and dropout_p > 0 else (0,)
-    return (x.new_empty(m, n), x.new_empty(pre_shape), torch.empty((), dtype=torch.int64),
+    keep_shape = (m, width) if return_dropout_mask and dropout_p > 0 else (0,)
+    return (x.new_empty(m, width), x.new_empty(pre_shape), torch.empty((), dtype=torch.int64),
             x.new_empty(keep_shape, dtype=torch.bool))
 
 
@@ -278,8 +286,9 @@ _GeluEager = common.eager_op(_gelu_forward, _gelu_setup_context, _gelu_backward_
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, dropout_p: float,
            residual: Optional[Tensor], backend: Optional[str], return_dropout_mask: bool = False):
     """Runs the linear op on x [..., K] on the chosen backend (None: automatic). Inputs are
-    validated (engine.functional). Returns (out [..., N], dropout_mask [M, N] or None)."""
-    k, n = x.shape[-1], weight.shape[0]
+    validated (engine.functional). Returns (out [..., H], dropout_mask [M, H] or None), H = N or,
+    for a gated activation, N / 2."""
+    k, n = x.shape[-1], reference.output_width(activation, weight.shape[0])
     x2d = common.rows(x, k)
     residual2d = residual.reshape(-1, n).contiguous() if residual is not None else None
     args = LinearArgs(x2d, weight, bias, activation, float(dropout_p), residual2d, bool(return_dropout_mask))
