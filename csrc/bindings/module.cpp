@@ -5,6 +5,7 @@ namespace engine::bindings {
 void bind_layer_norm(pybind11::module& m);
 void bind_attention(pybind11::module& m);
 void bind_linear(pybind11::module& m);
+void bind_cross_entropy(pybind11::module& m);
 }  // namespace engine::bindings
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -12,4 +13,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   engine::bindings::bind_layer_norm(m);
   engine::bindings::bind_attention(m);
   engine::bindings::bind_linear(m);
+  engine::bindings::bind_cross_entropy(m);
 }
