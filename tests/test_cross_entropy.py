@@ -148,6 +148,18 @@ def test_no_rows(backend, device):
     assert EF.linear_cross_entropy(hidden, weight, targets, reduction="none", backend=backend).shape == (0,)
 
 
+def test_backward_of_a_retained_graph_runs_again():
+    """loss.backward(retain_graph=True) three times accumulates three times the gradients: the
+    forward's saved gradients are scaled out of place, never adopted as .grad."""
+    hidden, weight, bias, targets = make_inputs(torch.float64, "cpu", True)
+    loss = EF.linear_cross_entropy(hidden, weight, targets, bias, backend="reference")
+    for _ in range(3):
+        loss.backward(retain_graph=True)
+    expected = torch.autograd.grad(torch_loss("mean", 0.0)(hidden, weight, bias, targets), (hidden, weight, bias))
+    for leaf, grad in zip((hidden, weight, bias), expected):
+        assert_matches_reference(leaf.grad, 3 * grad)
+
+
 def test_chunk_rows_bound_the_logits():
     """A chunk's logits hold at most CHUNK_ELEMENTS values, and at least one row."""
     assert cross_entropy.chunk_rows(50257) * 50257 <= cross_entropy.CHUNK_ELEMENTS

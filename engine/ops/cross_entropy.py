@@ -26,7 +26,9 @@ chunk's logits [C, V] hold about CHUNK_ELEMENTS values (32 MB in fp32). Per chun
     d_bias += column sums of d_logits     [V]       would otherwise add up)
 For "mean" and "sum" the loss is a scalar, so the gradients are complete after the forward (as
 Liger-Kernel computes them): the forward computes them whenever an input needs a gradient, and the
-backward only multiplies them by the loss's gradient. For "none" the gradient of each row's loss
+backward only multiplies them by the loss's gradient, out of place: returning the saved tensors
+when that is 1 would spare a copy of d_weight, but AccumulateGrad then adopts them as .grad and
+the next backward of a retained graph finds them modified. For "none" the gradient of each row's loss
 is only known in the backward, which runs the loop again (the logits products once more) with that
 gradient as the per-row scale; the forward then computes the losses alone.
 """
