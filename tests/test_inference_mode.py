@@ -28,7 +28,8 @@ def _inputs(device):
                 w1=rand(1024, 256) / 16, b1=rand(1024), w2=rand(256, 1024) / 32, b2=rand(256),
                 q=rand(2, 4, 64, 32), k=rand(2, 2, 64, 32), v=rand(2, 2, 64, 32),
                 mask=rand(2, 1, 64, 64), q1=rand(2, 4, 1, 32),
-                lengths=torch.tensor([64, 40], dtype=torch.int32, device=device))
+                lengths=torch.tensor([64, 40], dtype=torch.int32, device=device),
+                targets=torch.randint(0, 1024, (256,), generator=g).to(device))
 
 
 OPS = {
@@ -47,6 +48,8 @@ OPS = {
     "sdpa_float_mask": lambda t, be: EF.scaled_dot_product_attention(t["q"], t["k"], t["v"], t["mask"],
                                                                      enable_gqa=True, backend=be),
     "decode": lambda t, be: EF.attention_with_kv_cache(t["q1"], t["k"], t["v"], t["lengths"], backend=be),
+    "linear_cross_entropy": lambda t, be: EF.linear_cross_entropy(t["x"], t["w1"], t["targets"], t["b1"],
+                                                                  reduction="none", backend=be),
 }
 
 
