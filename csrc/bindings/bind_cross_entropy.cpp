@@ -13,7 +13,8 @@ namespace engine::bindings {
 // Returns the loss per row [rows] in the accumulator dtype.
 at::Tensor cross_entropy_rows(at::Tensor& logits, const at::Tensor& targets, int64_t ignore_index,
                               double label_smoothing) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "cross_entropy_rows: logits must be contiguous [rows, vocab]");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(),
+              "cross_entropy_rows: logits must be contiguous [rows, vocab]");
   TORCH_CHECK(logits.size(1) > 0 && logits.size(1) < (int64_t(1) << 31), "cross_entropy_rows: vocab out of range");
   TORCH_CHECK(targets.dim() == 1 && targets.is_contiguous() && targets.scalar_type() == at::kLong &&
                   targets.size(0) == logits.size(0),

@@ -216,7 +216,8 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(hidden, weight, targets, bias)
     else:
         ctx.save_for_backward(d_hidden, d_weight, d_bias)
-    ctx.reduction, ctx.ignore_index, ctx.label_smoothing, ctx.backend = reduction, ignore_index, label_smoothing, backend
+    ctx.reduction, ctx.ignore_index, ctx.label_smoothing = reduction, ignore_index, label_smoothing
+    ctx.backend = backend
     ctx.needs = need_hidden_grad, need_weight_grad, need_bias_grad
 
 
@@ -252,12 +253,12 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: 
     in chunks of rows. hidden [N, d] (unit column stride), weight [V, d], targets [N] int64
     (contiguous), bias [V]. Returns the loss: a scalar for "mean" and "sum", [N] for "none".
     Inputs are validated and laid out by engine.functional."""
-    chosen = backends.select(OP, hidden.device, CrossEntropyArgs(hidden, weight, targets, ignore_index, label_smoothing),
-                             backend)
+    args = CrossEntropyArgs(hidden, weight, targets, ignore_index, label_smoothing)
+    chosen = backends.select(OP, hidden.device, args, backend)
     record_grad = common.needs_grad(hidden, weight, bias)
     needs = (record_grad and hidden.requires_grad, record_grad and weight.requires_grad,
              record_grad and bias is not None and bias.requires_grad)
-    loss, _, _, _ = common.run(_linear_cross_entropy_op, _LinearCrossEntropyEager, _linear_cross_entropy_plain,
-                               (hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, *needs, chosen),
+    inputs = (hidden, weight, targets, bias, ignore_index, label_smoothing, reduction, *needs, chosen)
+    loss, _, _, _ = common.run(_linear_cross_entropy_op, _LinearCrossEntropyEager, _linear_cross_entropy_plain, inputs,
                                record_grad)
     return loss
