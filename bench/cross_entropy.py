@@ -67,8 +67,8 @@ def cases(device: torch.device, quick: bool, backends: list[str]):
         hidden, weight, targets = _inputs(n, torch.float32, device)
         # on a CPU one step at the target shape takes tens of seconds: the reference backend (its
         # row step in plain torch) is timed at the small shape only
-        impls = {name: (lambda fn=_implementation(name): _step(fn, hidden, weight, targets)) for name in names
-                 if not (big and name == "engine:reference")}
+        impls = {name: (lambda fn=_implementation(name), h=hidden, w=weight, t=targets: _step(fn, h, w, t))
+                 for name in names if not (big and name == "engine:reference")}
 
         def expected(hidden=hidden, weight=weight, targets=targets):
             h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
