@@ -31,7 +31,8 @@ ALLOCATOR_TUNABLES = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_thr
 
 # op group name -> bench module (each has cases(device, quick, backends) and targets(rows, ceilings))
 SUITES = {"layer_norm": "bench.layer_norm", "attention": "bench.attention", "linear": "bench.linear",
-          "rotary": "bench.rotary", "models": "bench.models", "dispatch": "bench.dispatch"}
+          "rotary": "bench.rotary", "models": "bench.models", "dispatch": "bench.dispatch",
+          "cross_entropy": "bench.cross_entropy"}
 # plots: (sweep key on the x axis, row attribute on the y axis, y label)
 PLOTS = [("width", "gb_per_s", "GB/s (bytes that must move / time)"),
          ("seq_len", "tflop_per_s", "TFLOP/s (FLOPs formula in bench/attention.py)"),

@@ -16,7 +16,8 @@ from torch import Tensor
 from engine import _validate, ops, reference
 
 __all__ = ["layer_norm", "rms_norm", "add_layer_norm", "add_rms_norm", "scaled_dot_product_attention",
-           "attention_with_kv_cache", "gelu", "linear", "feed_forward", "rotary", "rotary_qk", "rotary_cos_sin"]
+           "attention_with_kv_cache", "gelu", "linear", "feed_forward", "rotary", "rotary_qk", "rotary_cos_sin",
+           "linear_cross_entropy"]
 
 ShapeLike = Union[int, Sequence[int], torch.Size]
 
@@ -446,3 +447,34 @@ def _scaled_frequencies(inv_freq: Tensor, scaling: Optional[dict]) -> Tensor:
     wavelength = 2 * math.pi / inv_freq
     blend = ((context / wavelength - low) / (high - low)).clamp(0.0, 1.0)
     return (1 - blend) * inv_freq / factor + blend * inv_freq
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                         ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean", *,
+                         backend: Optional[str] = None) -> Tensor:
+    """torch.nn.functional.cross_entropy(linear(hidden, weight, bias), targets, ignore_index=...,
+    label_smoothing=..., reduction=...) without holding the [N, V] logits: rows go in chunks
+    (engine/ops/cross_entropy.py). hidden [..., d], weight [V, d] (an output embedding or LM head),
+    targets [...] int64 class ids in [0, V) or ignore_index, bias [V]. Returns a scalar for
+    "mean" (NaN when every target is ignored, as in torch) and "sum", targets' shape for "none"."""
+    x, w, b, _ = _check_linear("hidden", hidden, "weight", weight, "bias", bias, None)
+    vocab = w.shape[0]
+    if not 0 < vocab < 2**31:
+        raise ValueError(f"weight must have between 1 and 2^31 - 1 rows (the vocabulary), got {vocab}")
+    t = _validate.tensor("targets", targets, (torch.int64,))
+    _validate.same_device("targets", t, "hidden", x)
+    _validate.shape("targets", t, x.shape[:-1])
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    label_smoothing = _validate.number("label_smoothing", label_smoothing, low=0.0, high=1.0)
+    _validate.choice("reduction", reduction, ("mean", "sum", "none"))
+    t = t.reshape(-1).contiguous()
+    if not torch.compiler.is_compiling():  # the filter's shape depends on the values (ids_in_range skips then too)
+        _validate.ids_in_range("targets", t[t != ignore_index], vocab, "weight.shape[0]")
+    loss = ops.cross_entropy.linear_cross_entropy(ops.common.rows(x, w.shape[1]), w, t, b, ignore_index,
+                                                  label_smoothing, reduction, backend)
+    return loss.view(targets.shape) if reduction == "none" else loss

@@ -390,3 +390,23 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], activation: str, d
     if residual is not None:
         out = out + residual.to(acc)
     return out.to(x.dtype), pre
+
+
+def cross_entropy_rows(logits: Tensor, targets: Tensor, ignore_index: int, label_smoothing: float) -> Tensor:
+    """The per-chunk step of linear_cross_entropy (engine/ops/cross_entropy.py), which every
+    backend implements. logits [R, V] (contiguous) is overwritten with each row's gradient of its
+    own loss, softmax - label_smoothing / V - (1 - label_smoothing) * one_hot(target), in the
+    logits' dtype; rows whose target is ignore_index get loss 0 and a zero gradient. Returns the
+    per-row loss [R] in the accumulator dtype:
+        loss = (1 - ls) * (lse - x[target]) + ls * (lse - mean(x)),  lse = logsumexp(x)
+    which is torch.nn.functional.cross_entropy's per-row loss with label_smoothing = ls."""
+    x = logits.to(accumulator_dtype(logits.dtype))
+    vocab = x.shape[1]
+    ignored = targets == ignore_index
+    safe_targets = targets.masked_fill(ignored, 0)[:, None]
+    lse = torch.logsumexp(x, dim=1)
+    loss = (1.0 - label_smoothing) * (lse - x.gather(1, safe_targets)[:, 0]) + label_smoothing * (lse - x.mean(1))
+    grad = torch.exp(x - lse[:, None]) - label_smoothing / vocab
+    grad.scatter_add_(1, safe_targets, grad.new_full(safe_targets.shape, label_smoothing - 1.0))
+    logits.copy_(grad.masked_fill_(ignored[:, None], 0.0))
+    return loss.masked_fill_(ignored, 0.0)

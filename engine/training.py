@@ -8,6 +8,7 @@ Python install carries offline (the documentation bundled with the standard libr
     train, val = training.split(data, 0.1)
     x, y = training.random_batch(train, 16, 128, generator)        # y = x shifted by one token
     logits, loss = model(x, y)
+    _, loss = model(x, y, return_logits=False)                     # the loss alone: no [B, S, V] logits
     schedule = training.warmup_cosine_schedule(optimizer, warmup_steps=50, total_steps=1000)
 
 Conventions: token ids are int64; -100 marks a position without a loss (IGNORE_INDEX, as torch's
@@ -19,6 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from engine import functional
 
 IGNORE_INDEX = -100
 
@@ -36,6 +39,16 @@ def next_token_loss(logits: Tensor, targets: Tensor, ignore_index: int = IGNORE_
                          f"dim), got {tuple(targets.shape)}")
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                              ignore_index=ignore_index)
+
+
+def next_token_loss_from_hidden(hidden: Tensor, weight: Tensor, targets: Tensor, bias: Optional[Tensor] = None,
+                                ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """next_token_loss(hidden @ weight^T + bias, targets) without the logits: hidden [..., C] is
+    what the output projection (an LM head, weight [V, C], bias [V]) reads, and
+    engine.functional.linear_cross_entropy takes the products in chunks of rows, so that the
+    [..., V] logits never exist whole. fp32 scalar (for 16-bit hidden states, their loss rounded
+    to that dtype)."""
+    return functional.linear_cross_entropy(hidden, weight, targets, bias, ignore_index=ignore_index).float()
 
 
 def next_token_targets(input_ids: Tensor, attention_mask: Optional[Tensor] = None,

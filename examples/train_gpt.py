@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     model.train()
     for step in range(args.steps):
         x, y = training.random_batch(train_data, args.batch_size, args.block_size, batches)
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -138,6 +138,25 @@ def test_loss_is_mean_cross_entropy_over_kept_targets():
     torch.testing.assert_close(loss.double(), expected[keep].mean(), rtol=1e-6, atol=1e-6)
 
 
+def test_loss_without_logits_is_the_same_loss_and_gradients():
+    """return_logits=False returns no logits and the same loss and gradients: the loss never
+    needed them (linear_cross_entropy from ln_f's output and the tied lm_head weight)."""
+    model = tiny_gpt()
+    ids = torch.randint(0, VOCAB, (2, 9))
+    targets = next_token_targets(ids)
+    results = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        logits, loss = model(ids, targets, return_logits=return_logits)
+        loss.backward()
+        results.append((logits, loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (logits, loss, grads), (no_logits, loss_alone, grads_alone) = results
+    assert logits.shape == (2, 9, VOCAB) and no_logits is None
+    assert torch.equal(loss, loss_alone)
+    for grad, grad_alone in zip(grads, grads_alone):
+        torch.testing.assert_close(grad_alone, grad, rtol=1e-5, atol=1e-7)
+
+
 def test_loss_matches_transformers_labels():
     """transformers shifts labels inside; engine takes the shifted targets (nanoGPT's batches)."""
     hf = random_hf()

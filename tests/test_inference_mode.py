@@ -29,7 +29,8 @@ def _inputs(device):
                 q=rand(2, 4, 64, 32), k=rand(2, 2, 64, 32), v=rand(2, 2, 64, 32),
                 mask=rand(2, 1, 64, 64), q1=rand(2, 4, 1, 32),
                 lengths=torch.tensor([64, 40], dtype=torch.int32, device=device),
-                rope=EF.rotary_cos_sin(64, 32, device=device))
+                rope=EF.rotary_cos_sin(64, 32, device=device),
+                targets=torch.randint(0, 1024, (256,), generator=g).to(device))
 
 
 OPS = {
@@ -49,6 +50,8 @@ OPS = {
                                                                      enable_gqa=True, backend=be),
     "decode": lambda t, be: EF.attention_with_kv_cache(t["q1"], t["k"], t["v"], t["lengths"], backend=be),
     "rotary_qk": lambda t, be: EF.rotary_qk(t["q"], t["k"], *t["rope"], backend=be),
+    "linear_cross_entropy": lambda t, be: EF.linear_cross_entropy(t["x"], t["w1"], t["targets"], t["b1"],
+                                                                  reduction="none", backend=be),
 }
 
 

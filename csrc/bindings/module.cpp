@@ -6,6 +6,7 @@ void bind_layer_norm(pybind11::module& m);
 void bind_attention(pybind11::module& m);
 void bind_linear(pybind11::module& m);
 void bind_rotary(pybind11::module& m);
+void bind_cross_entropy(pybind11::module& m);
 }  // namespace engine::bindings
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -14,4 +15,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   engine::bindings::bind_attention(m);
   engine::bindings::bind_linear(m);
   engine::bindings::bind_rotary(m);
+  engine::bindings::bind_cross_entropy(m);
 }

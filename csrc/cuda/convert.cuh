@@ -1,5 +1,5 @@
 // Conversions between the storage types (common/dtypes.h) and the accumulator type on the GPU,
-// and the block-wide reduction the row kernels share.
+// and the block-wide reductions the row kernels share.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -36,6 +36,19 @@ __device__ A block_sum(A value, A* scratch) {
   __syncthreads();
   value = lane < warps ? scratch[lane] : A(0);
   for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  __syncthreads();
+  return value;
+}
+
+// The maximum of `value` over the block, on every thread (as block_sum).
+template <typename A>
+__device__ A block_max(A value, A* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  if (lane == 0) scratch[warp] = value;
+  __syncthreads();
+  value = lane < warps ? scratch[lane] : A(-INFINITY);
+  for (int offset = 16; offset > 0; offset >>= 1) value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
   __syncthreads();
   return value;
 }

@@ -21,19 +21,6 @@ __device__ __forceinline__ acc_t<T> load(const T* row, int64_t j) {
   return to_acc(row[j]);
 }
 
-// The maximum of `value` over the block, on every thread (as block_sum).
-template <typename A>
-__device__ A block_max(A value, A* scratch) {
-  for (int offset = 16; offset > 0; offset >>= 1) value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  if (lane == 0) scratch[warp] = value;
-  __syncthreads();
-  value = lane < warps ? scratch[lane] : A(0);
-  for (int offset = 16; offset > 0; offset >>= 1) value = fmax(value, __shfl_xor_sync(0xffffffffu, value, offset));
-  __syncthreads();
-  return value;
-}
-
 // Forward for one row in block blockIdx.x. kHeld: the row fits in registers (at most
 // kThreads * kMaxPerThread elements) and the loops unroll over the held slice; otherwise the
 // later passes re-read the row from global memory (L2).

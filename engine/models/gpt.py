@@ -38,7 +38,7 @@ from engine import _validate
 from engine import nn as enn
 from engine.models import hf
 from engine.models.generate import generate as generate_tokens
-from engine.training import next_token_loss
+from engine.training import next_token_loss_from_hidden
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 
@@ -369,16 +369,23 @@ class GPT(torch.nn.Module):
         return self.lm_head(h)
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
-                position_ids: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+                position_ids: Optional[Tensor] = None,
+                return_logits: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """idx [B, S] token ids. targets [B, S]: the token that should follow each position
         (idx shifted left by one, as nanoGPT's batches are; engine.training.next_token_targets
         makes them from idx), -100 where no loss is wanted. attention_mask [B, S]: 1 for tokens,
         0 for padding (padded keys are hidden from every query; a padded query's output is
         meaningless). position_ids [B, S] or [S]: default 0..S-1, as transformers' GPT-2 forward.
-        Returns (logits [B, S, V] in the model's dtype, mean cross-entropy in fp32 or None)."""
+        Returns (logits [B, S, V] in the model's dtype, mean cross-entropy in fp32 or None). The loss
+        comes from ln_f's output and lm_head's weight through linear_cross_entropy, in chunks of
+        rows, without the logits; return_logits=False (with targets) skips them too and returns
+        None in their place, as a training step that needs only the loss does."""
         self._check_tokens(idx, position_ids)
-        logits = self.logits(self.body(idx, position_ids, self.padding_mask(attention_mask, idx)))
-        loss = next_token_loss(logits, targets) if targets is not None else None
+        h = self.body(idx, position_ids, self.padding_mask(attention_mask, idx))
+        logits = self.logits(h) if return_logits or targets is None else None
+        loss = None
+        if targets is not None:
+            loss = next_token_loss_from_hidden(h, self.lm_head.weight, targets, self.lm_head.bias)
         return logits, loss
 
     def hidden_states(self, idx: Tensor, attention_mask: Optional[Tensor] = None,
