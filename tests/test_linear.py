@@ -264,6 +264,24 @@ def test_cpu_bf16_products_on_either_capability(products):
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
 
 
+def test_triton_declines_fp32_gated_dropout_on_gpus_only():
+    """The one combination the Triton linear leaves to the cuda backend on a GPU (its dW kernel
+    spills on sm90), and still serves in the interpreter."""
+    pytest.importorskip("triton")
+    from engine.kernels import linear as triton_linear
+    from engine.ops.linear import LinearArgs
+    def reasons(device, dtype, activation, dropout_p):
+        x, w = torch.empty(8, 16, device=device, dtype=dtype), torch.empty(32, 16, device=device, dtype=dtype)
+        return triton_linear.supports(LinearArgs(x, w, None, activation, dropout_p, None, False))
+    assert any("spills" in r for r in reasons("meta", torch.float32, "swiglu", 0.1))
+    assert reasons("meta", torch.float32, "swiglu", 0.0) == []
+    assert reasons("meta", torch.bfloat16, "swiglu", 0.1) == []
+    assert reasons("cpu", torch.float32, "swiglu", 0.1) == []
+    names = [case.name for case in triton_linear.gpu_compile_cases()]
+    assert not [name for name in names if "float32" in name and "swiglu+dropout" in name]
+    assert [name for name in names if "bfloat16" in name and "swiglu+dropout" in name]
+
+
 def test_cpu_bf16_products_setting_must_be_known():
     skip_unless_runs("cpu", "cpu")
     script = (
