@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "cpu/convert.h"
+#include "cpu/parallel.h"
 
 namespace engine::cpu {
 
@@ -102,20 +103,6 @@ static RowStatistics<A> row_statistics(const A* v, A total, int64_t n, A eps, bo
     return (v[j] * scale - scaled_mean) * (v[j] * scale - scaled_mean);
   };
   return {scaled_mean, layer_norm_rstd(row_reduce<A>(n, square), A(n), eps * scale * scale), scale};
-}
-
-// Runs `body`, whose row loop is an `omp for`, on num_threads threads. One thread runs it
-// directly: the `omp for` then binds to no region and loops over every row, and the call skips
-// entering an OpenMP region, ~0.5-1 us even for a team of one (measured with GCC's libgomp on
-// this machine), which is a good share of a small call's time.
-template <typename Body>
-static void parallel_rows(int num_threads, Body&& body) {
-  if (num_threads <= 1) {
-    body();
-    return;
-  }
-#pragma omp parallel num_threads(num_threads)
-  body();
 }
 
 // Whether GCC vectorizes a loop that converts one element at a time with to_acc / from_acc:

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/convert.h"
+#include "cpu/parallel.h"
 
 namespace engine::cpu {
 
@@ -59,14 +60,7 @@ static void rotate_tokens(const RotaryArgs<T>& args, int num_threads) {
       if (args.k.in) rotate_heads<T, kInterleaved>(args, args.k, b, s, c, sn);
     }
   };
-  // One thread runs the loop directly: entering an OpenMP region costs ~1 us, a decode step's
-  // whole call (see csrc/cpu/layer_norm.cpp's parallel_rows).
-  if (num_threads <= 1) {
-    body();
-    return;
-  }
-#pragma omp parallel num_threads(num_threads)
-  body();
+  parallel_rows(num_threads, body);
 }
 
 template <typename T>
