@@ -56,34 +56,9 @@ struct ForwardScratch {
 };
 
 // S^T [bk, kRows] (lanes < count) of a block of few rows: st[j, r] = k_j . q_r, q [count, D].
-// Four keys at a time: four independent sums, where one dot product at a time is a single chain
-// of FMAs waiting on each other (decode, 1x12 heads, 1024 of 2048 cached keys, 1 thread: the
-// scores took most of the 0.29 ms).
 template <typename A>
 void scores_few_rows(const A* k, int64_t k_stride, int64_t bk, int64_t D, const A* q, int64_t count, A* st) {
-  int64_t j = 0;
-  for (; j + 4 <= bk; j += 4) {
-    const A* k0 = k + j * k_stride;
-    const A* k1 = k0 + k_stride;
-    const A* k2 = k1 + k_stride;
-    const A* k3 = k2 + k_stride;
-    for (int64_t r = 0; r < count; ++r) {
-      const A* q_row = q + r * D;
-      A s0 = A(0), s1 = A(0), s2 = A(0), s3 = A(0);
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-      for (int64_t d = 0; d < D; ++d) {
-        s0 += k0[d] * q_row[d];
-        s1 += k1[d] * q_row[d];
-        s2 += k2[d] * q_row[d];
-        s3 += k3[d] * q_row[d];
-      }
-      st[j * kRows + r] = s0;
-      st[(j + 1) * kRows + r] = s1;
-      st[(j + 2) * kRows + r] = s2;
-      st[(j + 3) * kRows + r] = s3;
-    }
-  }
-  for (; j < bk; ++j) {
+  for (int64_t j = 0; j < bk; ++j) {
     const A* k_row = k + j * k_stride;
     for (int64_t r = 0; r < count; ++r) {
       const A* q_row = q + r * D;
